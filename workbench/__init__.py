@@ -1,0 +1,3 @@
+"""flatquant workbench: train networks that are flat before they are quantized."""
+
+__version__ = "0.1.0"
