@@ -200,3 +200,26 @@ def parse_bits_pair(text: str) -> tuple[int | None, int | None]:
             f"cannot read bit widths from {text!r}: write e.g. 'W4A8', '4,8' or '4'"
         ) from None
     return (None if w >= 32 else check_bits(w, "w_bits"), None if a >= 32 else check_bits(a, "a_bits"))
+
+
+def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of a log2 quantizer for values in ``[0, 1]`` (softmax outputs, as in ViT PTQ papers).
+
+    ``q = clamp(round(-log2 x), 0, 2^b - 1)``; the top code ``2^b - 1`` stands for 0, so the
+    grid is ``{1, 1/2, ..., 2^-(2^b - 2), 0}``. Powers of two resolve the many small attention
+    probabilities far better than a uniform grid of the same width.
+    """
+    qmax = 2 ** check_bits(bits) - 1
+    # clamp_min keeps log2(0) finite; anything that small lands on the 'zero' code anyway
+    return torch.round(-torch.log2(x.clamp_min(2.0 ** -(qmax + 1)))).clamp(0, qmax)
+
+
+def log2_dequantize(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Real values of log2 codes: ``2^-q``, and 0 for the top code."""
+    qmax = 2 ** check_bits(bits) - 1
+    return torch.where(q >= qmax, torch.zeros_like(q), torch.exp2(-q))
+
+
+def log2_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize with the log2 quantizer (inputs expected in ``[0, 1]``)."""
+    return log2_dequantize(log2_quantize(x, bits), bits)

@@ -1,0 +1,116 @@
+"""Checkpoints: weights plus everything needed to rebuild and judge the model.
+
+Saved with ``torch.save`` as a dict of tensors and plain values, loaded with
+``torch.load(..., weights_only=True)``: loading never unpickles arbitrary objects.
+Writes are atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .runinfo import atomic_write_bytes, git_commit, versions
+
+FORMAT = "flatquant-workbench-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, data_info: dict | None = None,
+                    train_config: dict | None = None, method_config: dict | None = None,
+                    metrics: dict | None = None, progress: dict | None = None,
+                    optimizer: dict | None = None, scheduler: dict | None = None,
+                    method_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Atomically write a workbench checkpoint for a model made by :func:`workbench.models.create`."""
+    spec = getattr(model, "workbench_spec", None)
+    if spec is None:
+        raise CheckpointError("the model has no workbench_spec: build it with workbench.models.create "
+                              "so the checkpoint can rebuild it")
+    ckpt = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model_spec": spec,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "data_info": data_info or {}, "train_config": train_config or {},
+        "method_config": method_config or {"method": "plain"}, "metrics": metrics or {},
+        "progress": progress or {}, "versions": versions(), "git": git_commit(), "extra": extra or {},
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    if scheduler is not None:
+        ckpt["scheduler"] = scheduler
+    if method_state is not None:
+        ckpt["method_state"] = method_state
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a workbench checkpoint safely (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing file, not a torch file, or not a workbench checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a workbench checkpoint (it could not be read as a safe torch file: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a workbench checkpoint (no '{FORMAT}' marker); "
+                              "make checkpoints with `workbench train` or workbench.checkpoint.save_checkpoint")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer workbench (format {ckpt['format_version']})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], model: nn.Module, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for another architecture or class count, with a clear message."""
+    spec = ckpt.get("model_spec", {})
+    mspec = getattr(model, "workbench_spec", {})
+    if mspec and spec.get("name") != mspec.get("name"):
+        raise CheckpointError(f"{source} is for model {spec.get('name')!r}, not {mspec.get('name')!r}")
+    if mspec and spec.get("num_classes") != mspec.get("num_classes"):
+        raise CheckpointError(f"{source} has {spec.get('num_classes')} classes but the model has "
+                              f"{mspec.get('num_classes')}; use a checkpoint trained on the same dataset")
+    own = model.state_dict()
+    sd = ckpt["state_dict"]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if bad:
+            parts.append(f"shape mismatches {bad[:5]}")
+        raise CheckpointError(f"{source} does not fit this architecture: " + "; ".join(parts))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as, load its weights, return ``(model, ckpt)``.
+
+    The model is returned in eval mode.
+    """
+    from .models import create
+
+    ckpt = load_checkpoint(path)
+    spec = ckpt["model_spec"]
+    model = create(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
+                   img_size=spec["img_size"], **spec.get("overrides", {}))
+    check_compatible(ckpt, model, source=str(path))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,268 @@
+"""The ``workbench`` command line.
+
+Every subcommand maps one-to-one onto a package function; ``--json`` prints
+machine-readable results on stdout (progress and logs go to stderr). Errors the workbench
+raises on purpose print one clear line and exit with a code per error class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import (CheckpointError, ConfigError, DataError, ModelError, NotebookError, RunDirError,
+                     TrainingDivergedError, WorkbenchError)
+
+log = logging.getLogger("workbench")
+
+EXIT_CODES: dict[type, int] = {ConfigError: 2, DataError: 3, ModelError: 4, CheckpointError: 5,
+                               RunDirError: 6, TrainingDivergedError: 7, NotebookError: 8}
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable:
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def emit(obj: Any, as_json: bool, text: str | None = None) -> None:
+    """Print ``obj`` as JSON (stdout) or ``text`` for people."""
+    from .runinfo import _json_default
+
+    if as_json:
+        print(json.dumps(obj, indent=2, default=_json_default))
+    else:
+        print(text if text is not None else json.dumps(obj, indent=2, default=_json_default))
+
+
+def parse_kv(items: Sequence[str] | None, what: str = "-p") -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON where possible (numbers, bools, lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what} expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# data / models
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    if args.data_cmd == "list":
+        rows = [{"name": n, "help": data.DATASETS.help(n)} for n in data.DATASETS.names()]
+        rows.append({"name": "imagefolder:PATH", "help": "any folder of class sub-folders"})
+        emit(rows, args.json, "\n".join(f"{r['name']:<20} {r['help']}" for r in rows))
+    elif args.data_cmd == "info":
+        bundle = data.load(args.name, data_dir=args.data_dir)
+        s = bundle.summary()
+        emit(s, args.json, "\n".join(f"{k:<12} {v}" for k, v in s.items()))
+    elif args.data_cmd == "download":
+        bundle = data.load(args.name, data_dir=args.data_dir, download=True)
+        emit(bundle.summary(), args.json, f"{args.name}: {len(bundle.train)} train / {len(bundle.test)} test images ready")
+    return 0
+
+
+@command("models")
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
+    rows = []
+    for n in models.MODELS.names():
+        row = {"name": n, "help": models.MODELS.help(n)}
+        if args.details:
+            row.update(models.model_summary(models.create(n)))
+        rows.append(row)
+    rows.append({"name": "timm:<name>", "help": "any timm model, e.g. timm:resnet10t"})
+    lines = [f"{r['name']:<14} {r['help']}" + (f"  [{r['params']:,} params, {r['flops_per_image'] / 1e6:.1f} MFLOPs]"
+             if "params" in r else "") for r in rows]
+    emit(rows, args.json, "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# train / eval
+
+
+def build_method(args: argparse.Namespace):
+    """(TrainMethod, method_config dict) from the CLI flags."""
+    from .methods import TrainMethod
+
+    if args.method == "plain" and args.bits is None:
+        return TrainMethod(), {"method": "plain"}
+    try:
+        from .precondition import MethodConfig, create_method
+    except ImportError as e:  # pragma: no cover
+        raise ConfigError(f"method {args.method!r} needs workbench.precondition: {e}") from e
+    from .quant import parse_bits_pair
+
+    kw: dict[str, Any] = {"method": args.method}
+    if args.bits is not None:
+        w, a = parse_bits_pair(args.bits)
+        kw.update(w_bits=w, a_bits=a)
+    if args.noise_mult is not None:
+        kw["noise_mult"] = args.noise_mult
+    if args.rho is not None:
+        kw["rho"] = args.rho
+    kw.update(parse_kv(args.method_arg, "--method-arg"))
+    cfg = MethodConfig.from_dict(kw)
+    return create_method(cfg), cfg.to_dict()
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import data, models
+    from .runinfo import prepare_run_dir, set_seed
+    from .train import TrainConfig, fit
+
+    cfg_kw = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
+              "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
+    cfg_kw = {k: v for k, v in cfg_kw.items() if v is not None}
+    cfg_kw.update(parse_kv(args.train_arg, "--train-arg"))
+    cfg = TrainConfig.from_dict(cfg_kw)
+    bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=args.val_size)
+    method, method_cfg = build_method(args)
+    set_seed(cfg.seed)
+    model = models.create(args.model, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
+    # Only now, with every name and option checked, touch the output folder.
+    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = fit(model, bundle, cfg, method, method_config=method_cfg, out_dir=out, resume=args.resume,
+                     progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: progress saved in {out / 'last.pt'}; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    m = result.metrics
+    emit({**m, "checkpoint": str(result.checkpoint), "out": str(out)}, args.json,
+         f"{args.model} on {args.data} ({method_cfg.get('method')}): test accuracy {m['test_accuracy']:.2f}% "
+         f"(loss {m['test_loss']:.4f}) after {m['epochs']} epochs, {m['total_train_time']:.0f} s training "
+         f"on {m['device']}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import data
+    from .checkpoint import load_model
+    from .runinfo import resolve_device
+    from .train import evaluate_split
+
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    name = args.data or ckpt["data_info"].get("name")
+    if not name:
+        raise ConfigError("the checkpoint does not record its dataset; pass --data NAME")
+    bundle = data.load(name, data_dir=args.data_dir, seed=ckpt.get("train_config", {}).get("seed", 0))
+    if bundle.info.num_classes != ckpt["model_spec"]["num_classes"]:
+        raise CheckpointError(f"the checkpoint has {ckpt['model_spec']['num_classes']} classes but {name} has "
+                              f"{bundle.info.num_classes}")
+    res = evaluate_split(model, bundle, args.split, device=device)
+    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, model=ckpt["model_spec"]["name"],
+               method=ckpt.get("method_config", {}).get("method", "plain"))
+    emit(res, args.json, f"{res['model']} ({res['method']}) on {name}/{args.split}: accuracy {res['accuracy']:.2f}%, "
+         f"loss {res['loss']:.4f} ({res['n']} images)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0] + " See README.md.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_json(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    d = sub.add_parser("data", help="list datasets, show one, download one")
+    dsub = d.add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    dl = dsub.add_parser("list", help="registered datasets")
+    add_json(dl)
+    for name, hlp in (("info", "load a dataset and show its splits and metadata"),
+                      ("download", "download a dataset that needs it (fashion-mnist, cifar10, cifar100)")):
+        sp = dsub.add_parser(name, help=hlp)
+        sp.add_argument("name")
+        sp.add_argument("--data-dir", default=None, help="dataset folder (default: data/ or $WORKBENCH_DATA_DIR)")
+        add_json(sp)
+
+    m = sub.add_parser("models", help="registered models")
+    m.add_argument("--details", action="store_true", help="build each model and show parameters and FLOPs")
+    add_json(m)
+
+    t = sub.add_parser("train", help="train a model (optionally with a pre-conditioning method)")
+    t.add_argument("--data", default="fashion-mnist-mini")
+    t.add_argument("--data-dir", default=None)
+    t.add_argument("--val-size", type=float, default=0, help="hold out this many (or this fraction of) training images")
+    t.add_argument("--model", default="vit-micro")
+    t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture override, repeatable")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], default=None)
+    t.add_argument("--train-arg", action="append", metavar="KEY=VALUE", help="any TrainConfig field, repeatable")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    t.add_argument("--method", default="plain", help="plain, wnoise, anoise, dnq, uniform, sam, swa")
+    t.add_argument("--bits", default=None, help="target precision of the noise: W[,A], e.g. 4 or 4,8 or W4A8")
+    t.add_argument("--noise-mult", type=float, default=None, help="noise multiplier k (sigma = k * step / sqrt(12))")
+    t.add_argument("--rho", type=float, default=None, help="SAM neighbourhood radius")
+    t.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="any MethodConfig field, repeatable")
+    t.add_argument("--out", required=True, help="run folder (must be new or empty)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    t.add_argument("--no-progress", action="store_true")
+    add_json(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", default=None, help="default: the checkpoint's dataset")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--split", default="test", choices=["train", "test", "calib", "val"])
+    e.add_argument("--device", default="auto")
+    add_json(e)
+
+    for extra in _EXTRA_PARSERS:
+        extra(sub, add_json)
+    return p
+
+
+#: Later modules (ptq, flatness, runner) add their subcommands here.
+_EXTRA_PARSERS: list[Callable[[Any, Callable], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except WorkbenchError as e:
+        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+        for cls, code in EXIT_CODES.items():
+            if isinstance(e, cls):
+                return code
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Post-training quantization engine (issue 4): fake-quantized copies, observers, sweeps.
+
+See :mod:`workbench.ptq.engine` for what is quantized and what stays in floating point.
+"""
+
+from .engine import FLOAT_OPS, PTQConfig, QuantizedModel, quantize_model
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, QuantMatMul
+from .observers import OBSERVERS, Observer, make_observer
+
+__all__ = [
+    "FLOAT_OPS", "OBSERVERS", "ActQuantizer", "Observer", "PTQConfig", "QuantAttention", "QuantConv",
+    "QuantLinear", "QuantMatMul", "QuantizedModel", "make_observer", "quantize_model",
+]

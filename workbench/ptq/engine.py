@@ -1,0 +1,316 @@
+"""Post-training quantization: config, conversion and the inspectable quantized copy.
+
+The recipe of :func:`quantize_model`:
+
+1. deep-copy the model (the original is never touched);
+2. replace timm ``Attention`` blocks by :class:`QuantAttention` (if attention quantization is on);
+3. replace every Linear/Conv by a wrapper whose weight is quantized right away;
+4. run ``n_calib`` calibration images through the copy while observers record input ranges;
+5. freeze the observed ranges into scales/zero points and switch to quantizing.
+
+What is quantized: Linear/Conv weights (symmetric, per output channel or per tensor) and
+Linear/Conv inputs (per tensor), plus, in ViTs, the inputs of both attention matmuls (q, k, v
+and the softmax output). What stays floating point: LayerNorm/BatchNorm, softmax, GELU and
+other activation functions, residual additions, biases, position embeddings and the model
+output. This is the usual "fake quantization" protocol of the ViT PTQ literature; real
+integer kernels would also need integer versions of those operations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .. import quant
+from ..errors import ConfigError, DataError, WorkbenchWarning
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, QuantMatMul, _QuantLayer
+from .observers import OBSERVERS, make_observer
+
+logger = logging.getLogger(__name__)
+
+#: Written into every result's metadata so nobody mistakes fake quantization for an integer model.
+FLOAT_OPS = ("LayerNorm", "BatchNorm (not folded)", "softmax", "GELU and other activation functions",
+             "residual additions", "biases", "position embeddings and class token", "model output (logits)")
+SOFTMAX_SCHEMES = ("uniform", "log2")
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """One post-training quantization setting. ``None`` bits mean 'not quantized' (32-bit float)."""
+
+    w_bits: int | None = 8  # weight bits, 2..16
+    a_bits: int | None = 8  # activation bits, 2..16
+    w_per_channel: bool = True  # one scale per output channel: the standard for weights
+    a_symmetric: bool = False  # asymmetric uses the whole grid for one-sided tensors (post-GELU/ReLU)
+    observer: str = "minmax"  # activation range observer: minmax | percentile | mse
+    w_observer: str | None = None  # weight clipping observer; None = same as `observer`
+    percentile: float = 99.99  # percentile observer's upper percentile
+    mse_grid: int = 50  # shrink factors tried by the mse observer
+    n_calib: int = 256  # calibration images
+    quant_attn: bool = True  # also quantize the attention matmul inputs (q, k, v, softmax)
+    softmax_quantizer: str = "uniform"  # uniform | log2 (softmax output, if quant_attn)
+    first_last_8bit: bool = False  # keep the first and last Linear/Conv at (at least) 8 bits
+    sample_size: int = 2**18  # values kept per tensor by percentile/mse observers
+    seed: int = 0  # seed of the observers' subsampling
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, quant.check_bits(v, name))
+        for name in ("observer", "w_observer"):
+            v = getattr(self, name)
+            if v is not None and v not in OBSERVERS:
+                raise ConfigError(OBSERVERS.unknown_message(v))
+        if self.softmax_quantizer not in SOFTMAX_SCHEMES:
+            raise ConfigError(f"softmax_quantizer must be one of {SOFTMAX_SCHEMES}, got {self.softmax_quantizer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        for name in ("n_calib", "mse_grid", "sample_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def label(self) -> str:
+        """``'W4A8'`` style name; 32 stands for a tensor kind left in floating point."""
+        return f"W{self.w_bits or 32}A{self.a_bits or 32}"
+
+    @property
+    def weight_observer(self) -> str:
+        return self.w_observer or self.observer
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PTQConfig:
+        """Build from a plain dict; unknown keys raise ConfigError listing the valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f"unknown PTQConfig field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> PTQConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _bits_for(bits: int | None, boundary: bool, config: PTQConfig) -> int | None:
+    if bits is None or not (boundary and config.first_last_8bit):
+        return bits
+    return max(bits, 8)
+
+
+def _observer(config: PTQConfig, name: str):
+    return make_observer(name, percentile=config.percentile, mse_grid=config.mse_grid,
+                         sample_size=config.sample_size, n_calib=config.n_calib, seed=config.seed)
+
+
+def _set_child(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _timm_attention_types() -> tuple[type, ...]:
+    try:
+        from timm.models.vision_transformer import Attention
+    except ImportError:  # timm missing: no ViT attention to handle
+        return ()
+    return (Attention,)
+
+
+def _replace_attention(model: nn.Module, config: PTQConfig) -> int:
+    types = _timm_attention_types()
+    targets = [n for n, m in model.named_modules() if types and type(m) in types]
+    for name in targets:
+        attn = model.get_submodule(name)
+        a, sym = config.a_bits, config.a_symmetric
+        mk = lambda label: ActQuantizer(a, sym, _observer(config, config.observer), label=label)  # noqa: E731
+        if config.softmax_quantizer == "log2":
+            sm = ActQuantizer(a, False, None, scheme="log2", label="softmax")
+        else:
+            # softmax outputs lie in [0, 1]: an asymmetric grid with zero point 0 fits them
+            sm = ActQuantizer(a, False, _observer(config, config.observer), label="softmax")
+        _set_child(model, name, QuantAttention(attn, QuantMatMul(mk("q"), mk("k")), QuantMatMul(sm, mk("v"))))
+    return len(targets)
+
+
+def _replace_layers(model: nn.Module, config: PTQConfig) -> int:
+    inside_wrapper: set[str] = set()
+    targets = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_wrapper):
+            continue
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            targets.append(name)
+            inside_wrapper.add(name)
+    for i, name in enumerate(targets):
+        layer = model.get_submodule(name)
+        boundary = i in (0, len(targets) - 1)
+        w_bits = _bits_for(config.w_bits, boundary, config)
+        a_bits = _bits_for(config.a_bits, boundary, config)
+        w_obs = _observer(config, config.weight_observer) if w_bits is not None else None
+        a_q = (ActQuantizer(a_bits, config.a_symmetric, _observer(config, config.observer))
+               if a_bits is not None else None)
+        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv
+        _set_child(model, name, cls(layer, w_bits, config.w_per_channel, w_obs, a_q))
+    return len(targets)
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class QuantizedModel(nn.Module):
+    """The quantized copy: a module like the original, plus a description of what was done.
+
+    Attributes:
+        model: the converted deep copy (Linear/Conv replaced by QuantLinear/QuantConv, ...).
+        config: the :class:`PTQConfig` used.
+        calib_images: number of calibration images actually seen.
+        calib_time_s: seconds spent converting and calibrating.
+    """
+
+    def __init__(self, model: nn.Module, config: PTQConfig, calib_images: int, calib_time_s: float) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.calib_images = calib_images
+        self.calib_time_s = calib_time_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def quant_layers(self) -> list[tuple[str, _QuantLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, _QuantLayer)]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One tidy row per quantized tensor: name, tensor, bits, granularity, scheme, observer, step, range."""
+        rows: list[dict[str, Any]] = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, _QuantLayer):
+                qp = m.weight_qparams()
+                if qp is not None:
+                    step = qp.step.flatten()
+                    rows.append(dict(name=name, tensor="weight", bits=qp.bits,
+                                     granularity="per-channel" if m.per_channel else "per-tensor",
+                                     scheme="symmetric", observer=m.w_observer_name,
+                                     step=float(step.median()), step_min=float(step.min()),
+                                     step_max=float(step.max()), lo=float(-(qp.qmax * step).max()),
+                                     hi=float((qp.qmax * step).max()), zero_point=0))
+            if isinstance(m, ActQuantizer):
+                owner = name.rsplit(".", 1)[0]
+                if m.scheme == "log2":
+                    rows.append(dict(name=owner, tensor=m.label, bits=m.bits, granularity="per-tensor",
+                                     scheme="log2", observer=None, step=None, step_min=None, step_max=None,
+                                     lo=0.0, hi=1.0, zero_point=None))
+                    continue
+                qp = m.qparams()
+                s = float(qp.step)
+                rows.append(dict(name=owner, tensor=m.label, bits=m.bits, granularity="per-tensor",
+                                 scheme="symmetric" if m.symmetric else "asymmetric",
+                                 observer=self.config.observer, step=s, step_min=s, step_max=s,
+                                 lo=float(qp.lower()), hi=float(qp.upper()), zero_point=int(m.zero_point)))
+        return rows
+
+    def summary(self) -> str:
+        """``describe()`` as a fixed-width text table, followed by what stays in floating point."""
+        rows = self.describe()
+        head = f"{'layer':<28} {'tensor':<8} {'bits':>4} {'granularity':<12} {'scheme':<10} {'observer':<10} {'step':>10}"
+        lines = [f"{self.config.label} quantized copy, {self.calib_images} calibration images", head]
+        for r in rows:
+            step = "-" if r["step"] is None else f"{r['step']:.3g}"
+            lines.append(f"{r['name'][:28]:<28} {r['tensor']:<8} {r['bits']:>4} {r['granularity']:<12} "
+                         f"{r['scheme']:<10} {str(r['observer']):<10} {step:>10}")
+        lines.append("floating point (not quantized): " + ", ".join(FLOAT_OPS))
+        return "\n".join(lines)
+
+    def metadata(self) -> dict[str, Any]:
+        """Plain-dict record of the conversion, safe to store next to results."""
+        rows = self.describe()
+        quantized = sorted({f"{r['tensor']}" for r in rows})
+        return {
+            "config": self.config.to_dict(),
+            "label": self.config.label,
+            "quantized_tensors": quantized,
+            "n_quantized_layers": len(self.quant_layers()),
+            "n_quantizers": len(rows),
+            "float_ops": list(FLOAT_OPS),
+            "note": ("fake quantization (quantize-dequantize in float32): LayerNorm, softmax and GELU "
+                     "arithmetic stay in floating point; only the listed tensors are rounded to the grid"),
+            "calib_images": self.calib_images,
+            "calib_time_s": self.calib_time_s,
+        }
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: PTQConfig | None = None,
+                   calib_batches: Iterable[Any] | None = None, *, device: torch.device | str | None = None,
+                   ) -> QuantizedModel:
+    """Return a fake-quantized copy of ``model``; ``model`` itself is never modified.
+
+    Args:
+        model: any module; Linear/Conv layers and timm ViT ``Attention`` blocks are handled.
+        config: the setting (default: W8A8, per-channel weights, min-max observers).
+        calib_batches: iterable of image tensors or ``(images, labels)`` pairs; the first
+            ``config.n_calib`` images are used. Not needed when activations stay in float.
+        device: where to calibrate (default: the model's device).
+
+    Returns:
+        A :class:`QuantizedModel` in eval mode.
+
+    Raises:
+        ConfigError: invalid config.
+        DataError: activations are to be quantized but the calibration set is empty.
+    """
+    config = config or PTQConfig()
+    if not isinstance(config, PTQConfig):
+        raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else _device_of(model)
+    qmodel = copy.deepcopy(model).to(device).eval()
+    n_attn = _replace_attention(qmodel, config) if (config.quant_attn and config.a_bits is not None) else 0
+    n_layers = _replace_layers(qmodel, config)
+    if n_layers == 0:
+        logger.warning("model has no Linear/Conv layer: nothing to quantize")
+    quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    seen = 0
+    if any(q.mode == "observe" for q in quantizers):
+        for batch in calib_batches if calib_batches is not None else ():
+            x = _images(batch)[: config.n_calib - seen]
+            if x.shape[0] == 0:
+                continue
+            qmodel(x.to(device))
+            seen += x.shape[0]
+            if seen >= config.n_calib:
+                break
+        if seen == 0:
+            raise DataError(
+                f"the calibration set is empty: {config.label} quantizes activations, so quantize_model "
+                "needs calibration images (pass calib_batches with at least one image)")
+        for q in quantizers:
+            if q.mode == "observe" and q.observer is not None and q.observer.min is None:
+                # a branch the calibration data never reached: leave it in float, loudly
+                warnings.warn(f"a {q.label} quantizer saw no calibration data and stays unquantized",
+                              WorkbenchWarning, stacklevel=2)
+                q.mode = "off"
+                continue
+            q.freeze()
+    elapsed = time.perf_counter() - t0
+    logger.info("%s: %d layers, %d attention blocks, %d calibration images, %.2fs", config.label, n_layers,
+                n_attn, seen, elapsed)
+    return QuantizedModel(qmodel, config, seen, elapsed).eval()

@@ -1,0 +1,207 @@
+"""Fake-quantization wrappers that replace layers inside the quantized copy.
+
+* :class:`ActQuantizer`: one per-tensor activation quantizer. Mode ``"observe"`` feeds an
+  observer and passes values through (calibration); mode ``"quant"`` fake-quantizes in one
+  fused kernel (``torch.fake_quantize_per_tensor_affine``) so run time stays close to FP.
+* :class:`QuantLinear` / :class:`QuantConv`: quantize the layer's *input* at run time; the
+  weight is quantized once at conversion (weights are constant after calibration) and stored
+  as a buffer, so the forward pass is one fake-quant kernel plus the original matmul/conv.
+* :class:`QuantMatMul` and :class:`QuantAttention`: the two attention matmuls of a timm
+  ``Attention`` block with quantized inputs (q, k, v and the softmax output). Softmax itself,
+  like LayerNorm and GELU, is computed in floating point.
+
+Every wrapper also has an integer export path (used by :mod:`workbench.ptq.onnx_export`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import quant
+from .observers import Observer
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer (uniform affine or log2).
+
+    Args:
+        bits: bit width, 2..16.
+        symmetric: signed grid with zero point 0 instead of the default asymmetric grid.
+        observer: range observer (unused for ``scheme="log2"``, whose range is fixed to [0, 1]).
+        scheme: ``"uniform"`` or ``"log2"`` (softmax outputs only).
+        label: what the tensor is (``"input"``, ``"q"``, ``"k"``, ``"v"``, ``"softmax"``).
+    """
+
+    def __init__(self, bits: int, symmetric: bool, observer: Observer | None, scheme: str = "uniform",
+                 label: str = "input") -> None:
+        super().__init__()
+        self.bits = quant.check_bits(bits, "a_bits")
+        self.symmetric = symmetric
+        self.scheme = scheme
+        self.label = label
+        self.observer = observer
+        self.mode = "observe" if scheme == "uniform" else "quant"
+        self.qmin, self.qmax = quant.qrange(self.bits, symmetric)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            if self.scheme == "log2":
+                return quant.log2_fake_quantize(x, self.bits)
+            # one fused kernel: clamp(round(x/scale) + zp) -> dequantize
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.mode == "observe" and self.observer is not None:
+            self.observer.update(x)
+        return x
+
+    def freeze(self) -> None:
+        """Turn the observed range into (scale, zero point) and switch to quantizing."""
+        if self.scheme == "uniform":
+            lo, hi = self.observer.activation_range(self.bits, self.symmetric)
+            qp = quant.activation_qparams(lo, hi, self.bits, symmetric=self.symmetric)
+            self.scale.copy_(qp.step.reshape(()).float())
+            self.zero_point.copy_(qp.zero_point.reshape(()).to(torch.int32))
+            self.observer = None  # drop the calibration sample
+        self.mode = "quant"
+
+    def qparams(self) -> quant.QParams:
+        """The frozen quantizer as :class:`workbench.quant.QParams` (uniform scheme)."""
+        return quant.QParams(self.scale.clone(), self.zero_point.float(), self.qmin, self.qmax,
+                             self.bits, self.symmetric)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scheme={self.scheme}, symmetric={self.symmetric}, label={self.label}"
+
+
+class _QuantLayer(nn.Module):
+    """Shared parts of QuantLinear and QuantConv: precomputed weight, optional input quantizer."""
+
+    export_mode: bool = False
+
+    def __init__(self, layer: nn.Module, w_bits: int | None, per_channel: bool,
+                 w_observer: Observer | None, input_quant: ActQuantizer | None) -> None:
+        super().__init__()
+        self.layer = layer  # the FP layer (copy): its weight stays available for inspection
+        self.w_bits = w_bits
+        self.per_channel = per_channel
+        self.w_observer_name = w_observer.name if w_observer is not None else None
+        self.input_quant = input_quant
+        w = layer.weight.detach()
+        if w_bits is None:
+            self.register_buffer("w_step", None)
+            self.register_buffer("weight_q", None)
+        else:
+            absmax = w_observer.weight_absmax(w, w_bits, per_channel)
+            qp = quant.weight_qparams(w, w_bits, per_channel=per_channel, axis=0, absmax=absmax)
+            # weights are constants: quantize once here instead of on every forward
+            self.register_buffer("w_step", qp.step.float())
+            self.register_buffer("weight_q", quant.fake_quantize(w, qp))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (quantized if ``w_bits`` is set)."""
+        return self.layer.weight if self.weight_q is None else self.weight_q
+
+    def weight_qparams(self) -> quant.QParams | None:
+        if self.w_bits is None:
+            return None
+        qmin, qmax = quant.qrange(self.w_bits, True)
+        return quant.QParams(self.w_step, torch.zeros_like(self.w_step), qmin, qmax, self.w_bits, True)
+
+    def weight_codes(self) -> torch.Tensor | None:
+        """Integer weight codes (int32 tensor), or None if weights are not quantized."""
+        qp = self.weight_qparams()
+        return None if qp is None else quant.quantize(self.weight_q, qp).to(torch.int32)
+
+
+class QuantLinear(_QuantLayer):
+    """``nn.Linear`` with fake-quantized input and precomputed quantized weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            from .onnx_export import integer_linear
+
+            return integer_linear(self, x)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight, self.layer.bias)
+
+
+class QuantConv(_QuantLayer):
+    """``nn.Conv1d/2d/3d`` with fake-quantized input and precomputed quantized weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            from .onnx_export import integer_conv
+
+            return integer_conv(self, x)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        # _conv_forward handles padding modes exactly as the original layer does
+        return self.layer._conv_forward(x, self.weight, self.layer.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` of two activations, each quantized per tensor (attention q@k^T and attn@v)."""
+
+    export_mode: bool = False
+
+    def __init__(self, a_quant: ActQuantizer, b_quant: ActQuantizer) -> None:
+        super().__init__()
+        self.a_quant = a_quant
+        self.b_quant = b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.export_mode:
+            from .onnx_export import integer_matmul
+
+            return integer_matmul(self, a, b)
+        return self.a_quant(a) @ self.b_quant(b)
+
+
+class QuantAttention(nn.Module):
+    """A timm ``Attention`` block computed explicitly, with quantized matmul inputs.
+
+    Same parameters (it takes over the block's submodules) and same maths as timm's
+    non-fused path; q is scaled before quantization because the scaled q is what enters
+    the matmul. Softmax, the optional q/k norms and masks stay in floating point.
+    """
+
+    def __init__(self, attn: nn.Module, qk: QuantMatMul, av: QuantMatMul) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.gate = getattr(attn, "gate", None)
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.qk = qk
+        self.av = av
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.qk(q * self.scale, k.transpose(-2, -1))  # (B, heads, N, N)
+        if attn_mask is not None or is_causal:
+            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = self.attn_drop(attn.softmax(dim=-1))  # softmax in floating point
+        x = self.av(attn, v)  # (B, heads, N, head_dim)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,151 @@
+"""Run bookkeeping: seeds, versions, git commit, output folders and atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .errors import RunDirError
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): same seed, same init and noise."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``'auto'``/None -> CUDA when available, else CPU; refuses CUDA when there is none."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return dev
+
+
+def git_commit(repo: Path | None = None) -> dict[str, Any]:
+    """The commit of the workbench checkout (``None`` outside a git checkout) and a dirty flag."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty if commit else None}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the workbench and its main libraries."""
+    from . import __version__
+
+    out = {"python": platform.python_version(), "workbench": __version__, "torch": torch.__version__,
+           "numpy": np.__version__, "platform": platform.platform()}
+    for mod in ("timm", "torchvision"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:  # pragma: no cover - both are dependencies
+            out[mod] = "missing"
+    out["cuda"] = torch.version.cuda or "none"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def run_metadata(params: dict[str, Any]) -> dict[str, Any]:
+    """What every run records: its parameters, versions, git commit, time and command line."""
+    return {"params": params, "versions": versions(), "git": git_commit(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv)}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Tidy rows -> CSV (columns: union of keys in first-seen order)."""
+    import io
+
+    rows = list(rows)
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _json_default(v) if isinstance(v, (torch.Tensor, np.generic)) else v for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def prepare_run_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create an output folder, refusing to silently reuse one that already holds results.
+
+    Raises:
+        RunDirError: the folder exists and is not empty, and neither ``resume`` nor
+            ``overwrite`` was asked for; or ``resume`` was asked for a folder without a run.
+    """
+    path = Path(path)
+    if resume:
+        if not (path / "last.pt").is_file():
+            raise RunDirError(f"cannot resume: {path} holds no interrupted run (no last.pt)")
+        return path
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"output folder {path} already exists and is not empty; choose a new --out, pass "
+            "--resume to continue an interrupted run there, or --overwrite to replace its results"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path

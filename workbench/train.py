@@ -1,0 +1,322 @@
+"""The training loop: ``fit(model, data, config, method)``.
+
+``fit`` owns what every method shares (data order, optimizer, warm-up + cosine schedule,
+label smoothing, mixed precision on CUDA, evaluation each epoch, checkpoints, progress,
+divergence checks, Ctrl-C handling); a :class:`~workbench.methods.TrainMethod` owns what
+differs between pre-conditioning methods (see :mod:`workbench.methods`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataBundle, batches, num_batches
+from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .methods import StepContext, TrainMethod
+from .runinfo import resolve_device, run_metadata, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe. Defaults are the measured recipe for ``vit-micro`` on
+    ``fashion-mnist-mini`` (see benchmarks/bench_train.py); they also suit ``cnn-small``."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"          # adamw | sgd
+    lr: float = 2e-3                  # peak learning rate after warm-up
+    weight_decay: float = 0.05        # not applied to biases, norms, positional embeddings
+    momentum: float = 0.9             # sgd only
+    warmup_epochs: float = 1.0        # linear warm-up, then cosine decay to min_lr
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    augment: bool = True              # random crop with padding (+ flip where labels allow)
+    grad_clip: float | None = 1.0     # max global grad norm; None = off
+    seed: int = 0                     # fixes data order, augmentation and noise
+    device: str = "auto"              # auto | cpu | cuda
+    amp: bool = True                  # bf16 autocast, CUDA only
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}: use 'adamw' or 'sgd'")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1 or self.warmup_epochs < 0:
+            raise ConfigError("weight_decay and warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns: the history rows, final metrics and where things were saved."""
+
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    out_dir: Path | None = None
+    checkpoint: Path | None = None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices/kernels only; the model may name more exclusions (timm's
+    ``no_weight_decay``, e.g. positional embeddings)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` (per optimizer step)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: str | torch.device | None = None) -> dict[str, float]:
+    """Mean cross-entropy loss and accuracy (percent) over batches; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    total_loss, correct, n = 0.0, 0, 0
+    try:
+        for x, y in batch_iter:
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x).float()
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("evaluate got no batches: the split is empty")
+    return {"loss": total_loss / n, "accuracy": 100.0 * correct / n, "n": n}
+
+
+def evaluate_split(model: nn.Module, data: DataBundle, split: str = "test", batch_size: int = 512,
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """:func:`evaluate` on a named split of a :class:`DataBundle`."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    return evaluate(model, batches(data.split(split), data.info, batch_size, device=dev), dev)
+
+
+def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
+        method: TrainMethod | None = None, *, method_config: dict[str, Any] | None = None,
+        out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> TrainResult:
+    """Train ``model`` on ``data.train``, evaluating on ``data.test`` (and ``data.val``) each epoch.
+
+    Args:
+        config: the optimisation recipe (default :class:`TrainConfig`).
+        method: a pre-conditioning method (default: plain training).
+        method_config: the method's settings as a dict, recorded in checkpoints.
+        out_dir: where ``last.pt`` (each epoch, and on Ctrl-C), ``model.pt``, ``history.json/csv``
+            and ``run.json`` go. The folder must be prepared by the caller
+            (:func:`workbench.runinfo.prepare_run_dir` refuses to overwrite).
+        resume: continue from ``out_dir/last.pt`` (same data order as an uninterrupted run).
+        callbacks: called with each epoch's history row (e.g. the live training monitor).
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf (names epoch and step).
+        KeyboardInterrupt: after saving ``last.pt`` so that ``resume`` can continue.
+    """
+    cfg = config or TrainConfig()
+    method = method or TrainMethod()
+    method_config = method_config or method.describe()
+    device = resolve_device(cfg.device)
+    out = Path(out_dir) if out_dir is not None else None
+    model.to(device)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters")
+
+    steps_per_epoch = num_batches(data.train, cfg.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)})")
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr / cfg.lr))
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ctx = StepContext(
+        loss_fn=loss_fn, optimizer=optimizer, device=device, epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch, grad_clip=cfg.grad_clip, autocast=autocast,
+        train_batches=lambda: batches(data.train, data.info, cfg.eval_batch_size, device=device),
+        generator=gen,
+    )
+    history: list[dict[str, Any]] = []
+    start_epoch, start_batch = 0, 0
+    torch.manual_seed(cfg.seed)  # noise and dropout streams: same seed, same run
+    if resume:
+        if out is None:
+            raise ConfigError("resume needs out_dir (the folder holding last.pt)")
+        ckpt = load_checkpoint(out / "last.pt")
+        _check_resume(ckpt, cfg, model)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = ckpt["progress"]["epoch"]
+        start_batch = ckpt["progress"].get("step_in_epoch", 0)
+        history = list(ckpt["extra"].get("history", []))
+        torch.manual_seed(cfg.seed + 7919 * (start_epoch * steps_per_epoch + start_batch))
+        log.info("resuming at epoch %d, batch %d", start_epoch, start_batch)
+
+    meta = run_metadata({"data": data.params, "train": cfg.to_dict(), "method": method_config,
+                         "model": getattr(model, "workbench_spec", {})})
+    if out is not None and not resume:
+        write_json(out / "run.json", meta)
+
+    def save_last(epoch: int, step_in_epoch: int, interrupted: bool) -> None:
+        if out is None:
+            return
+        save_checkpoint(out / "last.pt", model, data_info=data.info.to_dict(), train_config=cfg.to_dict(),
+                        method_config=method_config, metrics=history[-1] if history else {},
+                        progress={"epoch": epoch, "step_in_epoch": step_in_epoch, "interrupted": interrupted},
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        method_state=method.state_dict(), extra={"history": history})
+
+    bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress)
+    model.train()
+    method.setup(model, ctx)
+    epoch, step_in_epoch = start_epoch, start_batch
+    try:
+        if resume and "method_state" in ckpt:
+            method.load_state_dict(ckpt["method_state"])
+        for epoch in range(start_epoch, cfg.epochs):
+            method.on_epoch_start(model, epoch)
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            n_steps = 0
+            first = start_batch if epoch == start_epoch else 0
+            step_in_epoch = first
+            for x, y in batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                                device=device, seed=cfg.seed, epoch=epoch, drop_last=True, start_batch=first):
+                loss = method.training_step(model, x, y, ctx)
+                if not torch.isfinite(loss):
+                    gstep = epoch * steps_per_epoch + step_in_epoch
+                    raise TrainingDivergedError(
+                        f"training loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                        f"(global step {gstep + 1}); lower the learning rate (--lr) or the noise multiplier, "
+                        "or enable gradient clipping", epoch=epoch, step=gstep, loss=float(loss.item()))
+                scheduler.step()
+                loss_sum += loss
+                n_steps += 1
+                step_in_epoch += 1
+                bar.update(1)
+                if n_steps % 10 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_time = time.perf_counter() - t0
+            method.on_epoch_end(model, epoch)
+            row = {"epoch": epoch + 1, "train_loss": (loss_sum / max(1, n_steps)).item(),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_time": epoch_time,
+                   "step_time": epoch_time / max(1, n_steps), "method": method_config.get("method", method.name)}
+            t1 = time.perf_counter()
+            ev = evaluate_split(model, data, "test", cfg.eval_batch_size, device)
+            row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+            if len(data.val):
+                ev = evaluate_split(model, data, "val", cfg.eval_batch_size, device)
+                row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+            row["eval_time"] = time.perf_counter() - t1
+            history.append(row)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{row['train_loss']:.3f}", acc=f"{row['test_accuracy']:.1f}")
+            for cb in callbacks:
+                cb(row)
+            step_in_epoch = 0
+            save_last(epoch + 1, 0, interrupted=False)
+        method.finalize(model, ctx)
+    except KeyboardInterrupt:
+        save_last(epoch, step_in_epoch, interrupted=True)
+        bar.close()
+        log.warning("interrupted: saved %s; continue with resume", out / "last.pt" if out else "nothing")
+        raise
+    finally:
+        method.teardown(model)
+        bar.close()
+
+    final = evaluate_split(model, data, "test", cfg.eval_batch_size, device)
+    metrics = {"test_loss": final["loss"], "test_accuracy": final["accuracy"],
+               "epochs": cfg.epochs, "mean_epoch_time": sum(r["epoch_time"] for r in history) / max(1, len(history)),
+               "total_train_time": sum(r["epoch_time"] for r in history), "device": str(device)}
+    if len(data.val):
+        metrics.update({f"val_{k}": v for k, v in evaluate_split(model, data, "val", cfg.eval_batch_size, device).items()
+                        if k in ("loss", "accuracy")})
+    result = TrainResult(history=history, metrics=metrics, out_dir=out)
+    if out is not None:
+        result.checkpoint = save_checkpoint(out / "model.pt", model, data_info=data.info.to_dict(),
+                                            train_config=cfg.to_dict(), method_config=method_config,
+                                            metrics=metrics, progress={"epoch": cfg.epochs},
+                                            extra={"history": history})
+        write_json(out / "history.json", history)
+        write_csv(out / "history.csv", history)
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "run.json", {**meta, "metrics": metrics})
+    return result
+
+
+def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module) -> None:
+    from .checkpoint import check_compatible
+
+    check_compatible(ckpt, model, source="last.pt")
+    saved = dict(ckpt.get("train_config", {}))
+    now = cfg.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in now if k != "device" and saved.get(k) != now[k]}
+    if diff:
+        raise CheckpointError(f"cannot resume with a different recipe: {diff} (saved vs now); "
+                              "resume with the original options")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True, leave=True)
