@@ -80,7 +80,7 @@ class NoiseConfig:
     a_stats_every: int = 4  # refresh activation ranges every N training passes
     w_stats_every: int = 1  # recompute weight steps every N training passes
     bank: bool = True  # draw noise from a refreshed bank (fast) instead of fresh samples
-    bank_refresh: float = 0.125  # fraction of the bank regenerated per training pass
+    bank_refresh: float = 0.0625  # fraction of the bank regenerated per training pass
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -169,7 +169,7 @@ class _Bank:
     """Unit-variance random samples per (device, dtype), sliced at random offsets."""
 
     MIN_SIZE = 1 << 20
-    GROWTH = 4  # bank holds at least GROWTH x the largest tensor, so offsets vary widely
+    GROWTH = 2  # bank holds at least GROWTH x the largest tensor, so offsets vary
 
     def __init__(self, distribution: str, seed: int, refresh: float) -> None:
         self.distribution = distribution
