@@ -1,0 +1,383 @@
+"""Pre-conditioning methods: named ways of taking a training step, for ``workbench.train.fit``.
+
+=========  =============================================================================
+plain      one forward-backward pass, one optimizer step
+wnoise     Gaussian weight noise, per output channel ``k_w * step_w / sqrt(12)`` (WQE model)
+anoise     Gaussian activation noise on every Linear/Conv input, ``k_a * step_a / sqrt(12)``
+dnq        both, independent (the paper's method)
+uniform    pseudo-quantization noise: uniform on ``k * [-step/2, step/2]`` on weights and
+           activations (as DiffQ/NIPQ do); the same variance as the Gaussian model at k=1
+sam        sharpness-aware minimization: ascend to ``w + rho * g / ||g||``, take the gradient
+           there, step from ``w`` (two forward-backward passes per step)
+swa        stochastic weight averaging over the last epochs (``torch.optim.swa_utils``), then
+           BatchNorm statistics recomputed on the training set where the model has BatchNorm
+=========  =============================================================================
+
+>>> method = create_method(MethodConfig(method="dnq", w_bits=4, a_bits=8, noise_mult=1.0))
+>>> fit(model, data, TrainConfig(), method, method_config=method.describe())
+
+The training loop records the wall time of every epoch, so the cost of flatness is visible;
+``benchmarks/bench_precondition.py`` measures the per-step cost side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import quant
+from .errors import ConfigError, UnknownNameError, WorkbenchWarning
+from .methods import StepContext, TrainMethod
+from .noise import NoiseConfig, NoiseHandle, attach, schedule_scale
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: name -> factory ``(MethodConfig) -> TrainMethod``
+METHODS: Registry[Callable[[MethodConfig], TrainMethod]] = Registry("method")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings of a pre-conditioning method; the same fields as the CLI flags and run metadata."""
+
+    method: str = "plain"
+    w_bits: int | None = 4  # target weight bits of the later PTQ (None: weights not quantized)
+    a_bits: int | None = 8  # target activation bits (None: activations not quantized)
+    noise_mult: float = 1.0  # k for both noises, unless noise_mult_w / noise_mult_a are set
+    noise_mult_w: float | None = None
+    noise_mult_a: float | None = None
+    rho: float = 0.05  # SAM neighbourhood radius (SAM paper's default)
+    swa_start_frac: float = 0.75  # SWA averages the epochs after this fraction of training
+    swa_epochs: int | None = None  # or: average exactly the last N epochs (overrides the fraction)
+    swa_lr: float | None = None  # constant learning rate while averaging (None: keep the schedule)
+    schedule: str = "constant"  # noise schedule: constant | ramp
+    ramp_epochs: float = 1.0  # length of the linear ramp
+    include: tuple[str, ...] = ("*",)  # layers that get noise (fnmatch on module names)
+    exclude: tuple[str, ...] = ()  # e.g. ('head',) keeps the classifier clean
+    ema_momentum: float = 0.9  # activation range EMA
+    a_stats_every: int = 4  # activation range refresh period (training passes)
+    bank: bool = True  # fast banked noise (see workbench.noise); False: fresh samples
+    seed: int | None = None  # noise seed; None: the training seed (torch.initial_seed())
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UnknownNameError(METHODS.unknown_message(str(self.method)))
+        for name in ("w_bits", "a_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, quant.check_bits(value, name))
+        for name in ("noise_mult", "noise_mult_w", "noise_mult_a"):
+            value = getattr(self, name)
+            if value is None and name != "noise_mult":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho > 0:
+            raise ConfigError(f"rho must be a number > 0, got {self.rho!r}")
+        if not 0.0 <= self.swa_start_frac < 1.0:
+            raise ConfigError(f"swa_start_frac must be in [0, 1), got {self.swa_start_frac!r}")
+        if self.swa_epochs is not None and int(self.swa_epochs) < 1:
+            raise ConfigError(f"swa_epochs must be >= 1, got {self.swa_epochs!r}")
+        if self.swa_lr is not None and not self.swa_lr > 0:
+            raise ConfigError(f"swa_lr must be > 0, got {self.swa_lr!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        needs = {"wnoise": ("w_bits",), "anoise": ("a_bits",), "dnq": ("w_bits", "a_bits")}.get(self.method, ())
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ConfigError(f"method {self.method!r} needs {name} (bits from 2 to 16), got None "
+                                  f"(32 = not quantized)")
+        if self.method == "uniform" and self.w_bits is None and self.a_bits is None:
+            raise ConfigError("method 'uniform' needs w_bits and/or a_bits")
+        self.noise_config()  # validate the remaining noise fields now, not at setup
+
+    @property
+    def k_w(self) -> float:
+        return float(self.noise_mult if self.noise_mult_w is None else self.noise_mult_w)
+
+    @property
+    def k_a(self) -> float:
+        return float(self.noise_mult if self.noise_mult_a is None else self.noise_mult_a)
+
+    def noise_config(self, seed: int = 0) -> NoiseConfig:
+        """The :class:`NoiseConfig` this method attaches (weights/activations per method)."""
+        weights = self.method in ("wnoise", "dnq", "uniform")
+        acts = self.method in ("anoise", "dnq", "uniform")
+        return NoiseConfig(
+            w_bits=self.w_bits if weights else None, a_bits=self.a_bits if acts else None,
+            noise_mult_w=self.k_w, noise_mult_a=self.k_a,
+            distribution="uniform" if self.method == "uniform" else "gaussian",
+            include=self.include, exclude=self.exclude, schedule=self.schedule,
+            ramp_epochs=self.ramp_epochs, ema_momentum=self.ema_momentum,
+            a_stats_every=self.a_stats_every, bank=self.bank,
+            seed=self.seed if self.seed is not None else seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown method option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+def create_method(config: MethodConfig | dict[str, Any] | str) -> TrainMethod:
+    """A :class:`~workbench.methods.TrainMethod` for a config, its dict, or a method name.
+
+    Raises:
+        UnknownNameError: unknown method (the message lists the valid names).
+        ConfigError: invalid settings.
+    """
+    if isinstance(config, str):
+        config = MethodConfig(method=config)
+    elif isinstance(config, dict):
+        config = MethodConfig.from_dict(config)
+    elif not isinstance(config, MethodConfig):
+        raise ConfigError(f"expected a MethodConfig, dict or name, got {type(config).__name__}")
+    return METHODS.get(config.method)(config)
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+# ---- plain -------------------------------------------------------------------------------
+class PlainMethod(TrainMethod):
+    """Plain training (the base class), recording its config."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.name = config.method
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+
+METHODS.register("plain", PlainMethod, help="plain training: one forward-backward pass per step")
+
+
+# ---- noise methods ------------------------------------------------------------------------
+class NoiseMethod(PlainMethod):
+    """Training with a :mod:`workbench.noise` pre-conditioner attached (wnoise/anoise/dnq/uniform)."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self.handle: NoiseHandle | None = None
+        self.step = 0
+        self.steps_per_epoch = 1
+        self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, model: nn.Module, ctx: StepContext) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = attach(model, self.config.noise_config(seed=torch.initial_seed() % (2**31)))
+        self.steps_per_epoch = max(1, ctx.steps_per_epoch)
+        if self._pending_state is not None:
+            self.handle.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self.step = max(self.step, epoch * self.steps_per_epoch)  # also right after a resume
+
+    def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      ctx: StepContext) -> torch.Tensor:
+        handle = self.handle
+        if handle is None:
+            raise ConfigError(f"method {self.name!r}: setup() was not called before training_step()")
+        handle.set_scale(schedule_scale(handle.config, self.step, self.steps_per_epoch))
+        ctx.optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss = ctx.loss_fn(model(images), labels)  # the root hook perturbs the weights first
+        loss.backward()  # each weight is restored as soon as its gradient is complete
+        handle.restore()  # weights without a gradient (frozen, unused) too
+        ctx.clip(model)
+        ctx.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def teardown(self, model: nn.Module) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.handle.state_dict() if self.handle is not None else (self._pending_state or {})
+        return {**state, "method_step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("method_step", 0))
+        if self.handle is not None:
+            self.handle.load_state_dict(state)
+        else:
+            self._pending_state = dict(state)
+
+    def describe(self) -> dict[str, Any]:
+        d = self.config.to_dict()
+        nc = self.config.noise_config()
+        d["noise"] = {"weights": nc.weight_noise, "activations": nc.act_noise,
+                      "distribution": nc.distribution}
+        return d
+
+
+for _name, _help in [
+    ("wnoise", "Gaussian weight noise k_w*step_w/sqrt(12) per output channel (WQE only)"),
+    ("anoise", "Gaussian activation noise k_a*step_a/sqrt(12) per tensor (AQE only)"),
+    ("dnq", "independent Gaussian weight and activation noise (the DNQ paper)"),
+    ("uniform", "uniform pseudo-quantization noise of the quantizer step (DiffQ/NIPQ style)"),
+]:
+    METHODS.register(_name, NoiseMethod, help=_help)
+
+
+# ---- SAM ----------------------------------------------------------------------------------
+def sam_perturbation(grads: list[torch.Tensor], rho: float, eps: float = 1e-12) -> list[torch.Tensor]:
+    """SAM's first-order worst-case perturbation ``e = rho * g / ||g||`` (global L2 norm)."""
+    if not grads:
+        return []
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch._foreach_mul(grads, rho / (norm + eps))
+
+
+class SAMMethod(PlainMethod):
+    """Sharpness-aware minimization (Foret et al.): two forward-backward passes per step.
+
+    BatchNorm running statistics are saved before the second pass and put back after it,
+    so they are updated once per step, as in plain training.
+    """
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self._clean: list[torch.Tensor] | None = None
+
+    def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      ctx: StepContext) -> torch.Tensor:
+        opt = ctx.optimizer
+        opt.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss = ctx.loss_fn(model(images), labels)
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            raise ConfigError("SAM: no parameter received a gradient")
+        with torch.no_grad():
+            if self._clean is None or len(self._clean) != len(params) or any(
+                    c.shape != p.shape for c, p in zip(self._clean, params)):
+                self._clean = [torch.empty_like(p) for p in params]
+            torch._foreach_copy_(self._clean, params)
+            e = sam_perturbation([p.grad for p in params], self.config.rho)
+            torch._foreach_add_(params, e)
+        bn_state = _save_bn(model)
+        opt.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            ctx.loss_fn(model(images), labels).backward()
+        with torch.no_grad():
+            torch._foreach_copy_(params, self._clean)  # exact, unlike subtracting e again
+        _load_bn(model, bn_state)
+        ctx.clip(model)
+        opt.step()
+        return loss.detach()
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _save_bn(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    return [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in _bn_modules(model)
+            if m.training and m.track_running_stats]
+
+
+def _load_bn(model: nn.Module, saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    with torch.no_grad():
+        for m, bufs in saved:
+            for k, b in bufs.items():
+                getattr(m, k).copy_(b)
+
+
+METHODS.register("sam", SAMMethod, help="sharpness-aware minimization (rho), two passes per step")
+
+
+# ---- SWA ----------------------------------------------------------------------------------
+class SWAMethod(PlainMethod):
+    """Stochastic weight averaging over the last epochs, then BatchNorm statistics recomputed.
+
+    Averaging starts at epoch ``floor(epochs * swa_start_frac)`` (or ``epochs - swa_epochs``)
+    and adds the weights at the end of each epoch from there on. With ``swa_lr`` the learning
+    rate is held at that value while averaging (set before every optimizer step, so it wins
+    over the loop's schedule).
+    """
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__(config)
+        self.avg: torch.optim.swa_utils.AveragedModel | None = None
+        self.start_epoch = 0
+        self.epoch = 0
+        self.n_averaged = 0
+
+    def setup(self, model: nn.Module, ctx: StepContext) -> None:
+        cfg = self.config
+        if cfg.swa_epochs is not None:
+            self.start_epoch = max(0, ctx.epochs - int(cfg.swa_epochs))
+        else:
+            self.start_epoch = min(ctx.epochs - 1, int(math.floor(ctx.epochs * cfg.swa_start_frac)))
+        self.avg = torch.optim.swa_utils.AveragedModel(model)
+        log.info("SWA averages epochs %d..%d", self.start_epoch + 1, ctx.epochs)
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self.epoch = epoch
+
+    def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      ctx: StepContext) -> torch.Tensor:
+        if self.config.swa_lr is not None and self.epoch >= self.start_epoch:
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = self.config.swa_lr
+        return super().training_step(model, images, labels, ctx)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        if self.avg is not None and epoch >= self.start_epoch:
+            self.avg.update_parameters(model)
+            self.n_averaged += 1
+
+    def finalize(self, model: nn.Module, ctx: StepContext) -> None:
+        if self.avg is None or self.n_averaged == 0:
+            log.warning("SWA: no epoch was averaged; keeping the last weights")
+            return
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), self.avg.module.parameters()):
+                p.copy_(q)
+        if _bn_modules(model):
+            if ctx.train_batches is None:
+                import warnings
+
+                warnings.warn("SWA: the model has BatchNorm but no training batches were given; "
+                              "its statistics belong to the last weights, not the average",
+                              WorkbenchWarning, stacklevel=2)
+            else:
+                torch.optim.swa_utils.update_bn(ctx.train_batches(), model, device=ctx.device)
+        log.info("SWA: averaged %d epochs", self.n_averaged)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"avg": self.avg.state_dict() if self.avg is not None else None, "n_averaged": self.n_averaged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_averaged = int(state.get("n_averaged", 0))
+        if self.avg is not None and state.get("avg") is not None:
+            self.avg.load_state_dict(state["avg"])
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+
+METHODS.register("swa", SWAMethod, help="stochastic weight averaging over the last epochs (+ BN update)")
