@@ -23,8 +23,9 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,19 +129,24 @@ def _timm_attention_types() -> tuple[type, ...]:
     return (Attention,)
 
 
+def _act_quantizer(config: PTQConfig, label: str) -> ActQuantizer:
+    return ActQuantizer(config.a_bits, config.a_symmetric, _observer(config, config.observer), label=label)
+
+
 def _replace_attention(model: nn.Module, config: PTQConfig) -> int:
     types = _timm_attention_types()
     targets = [n for n, m in model.named_modules() if types and type(m) in types]
     for name in targets:
         attn = model.get_submodule(name)
-        a, sym = config.a_bits, config.a_symmetric
-        mk = lambda label: ActQuantizer(a, sym, _observer(config, config.observer), label=label)  # noqa: E731
+        a = config.a_bits
         if config.softmax_quantizer == "log2":
             sm = ActQuantizer(a, False, None, scheme="log2", label="softmax")
         else:
             # softmax outputs lie in [0, 1]: an asymmetric grid with zero point 0 fits them
             sm = ActQuantizer(a, False, _observer(config, config.observer), label="softmax")
-        _set_child(model, name, QuantAttention(attn, QuantMatMul(mk("q"), mk("k")), QuantMatMul(sm, mk("v"))))
+        qk = QuantMatMul(_act_quantizer(config, "q"), _act_quantizer(config, "k"))
+        av = QuantMatMul(sm, _act_quantizer(config, "v"))
+        _set_child(model, name, QuantAttention(attn, qk, av))
     return len(targets)
 
 

@@ -1,0 +1,234 @@
+"""Sweeps over bit widths, observers and checkpoints, returning tidy tables (lists of dicts).
+
+* :func:`sweep`: models x configs -> one row per (model, config), plus a full-precision row.
+* :func:`wqe_vs_aqe`: which hurts more, weight quantization error (WQE) or activation
+  quantization error (AQE)? Weights only, activations only, and both, at each bit width.
+* :func:`sweep_checkpoints`: the thin layer the CLI uses: load checkpoints and their data,
+  then :func:`sweep`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import quant
+from ..errors import ConfigError
+from .engine import PTQConfig, quantize_model
+
+logger = logging.getLogger(__name__)
+
+#: Column order of :func:`sweep` rows.
+SWEEP_COLUMNS = ("checkpoint", "method", "config", "w_bits", "a_bits", "observer", "w_granularity",
+                 "accuracy", "loss", "calib_time_s", "eval_time_s")
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _bits_list(spec: str | int | Sequence[Any] | None) -> list[int | None]:
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else ([spec] if isinstance(spec, int) else list(spec))
+    out: list[int | None] = []
+    for it in items:
+        it = str(it).strip()
+        if not it:
+            continue
+        b = int(it) if it.isdigit() else None
+        if b is None:
+            raise ConfigError(f"cannot read a bit width from {it!r}: use integers such as 8,6,4,3")
+        out.append(None if b >= 32 else quant.check_bits(b))
+    return out
+
+
+def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | Sequence[Any] | None = None,
+                      abits: str | Sequence[Any] | None = None, base: PTQConfig | None = None,
+                      **overrides: Any) -> list[PTQConfig]:
+    """Configs for the CLI's ``--bits/--wbits/--abits``.
+
+    ``bits`` gives WbAb pairs (``"8,6,4,3"``, or ``["W4A8", "W8A32"]``); ``wbits`` x ``abits``
+    adds their cartesian product (a missing side defaults to ``bits``, or to 32 = float).
+    32 means 'not quantized'.
+
+    Raises:
+        ConfigError: unreadable or out-of-range bit widths, or nothing to sweep.
+    """
+    base = (base or PTQConfig()).replace(**overrides) if overrides else (base or PTQConfig())
+    pairs: list[tuple[int | None, int | None]] = []
+    items = bits.split(",") if isinstance(bits, str) else list(bits or [])
+    for it in items:
+        it = str(it).strip()
+        if it:
+            pairs.append(quant.parse_bits_pair(it))
+    if wbits is not None or abits is not None:
+        w_list = _bits_list(wbits) or [p[0] for p in pairs] or [None]
+        a_list = _bits_list(abits) or [p[1] for p in pairs] or [None]
+        pairs += list(itertools.product(w_list, a_list))
+    pairs = list(dict.fromkeys(pairs))  # keep order, drop duplicates
+    pairs = [p for p in pairs if p != (None, None)]  # the FP row is always there
+    if not pairs:
+        raise ConfigError("nothing to sweep: give bit widths, e.g. --bits 8,6,4,3")
+    return [base.replace(w_bits=w, a_bits=a) for w, a in pairs]
+
+
+def _evaluate(model: nn.Module, batches: Batches, device: torch.device | str | None) -> tuple[dict, float]:
+    from ..train import evaluate
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        metrics = evaluate(model, batches, device)
+    return metrics, time.perf_counter() - t0
+
+
+def _entries(models: Any) -> list[tuple[str, nn.Module, str]]:
+    if isinstance(models, nn.Module):
+        models = [("model", models)]
+    elif isinstance(models, dict):
+        models = list(models.items())
+    out = []
+    for entry in models:
+        if len(entry) == 2:
+            out.append((str(entry[0]), entry[1], "plain"))
+        elif len(entry) == 3:
+            out.append((str(entry[0]), entry[1], str(entry[2])))
+        else:
+            raise ConfigError("models must be (name, model) or (name, model, method) tuples")
+    return out
+
+
+def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any], eval_batches: Iterable[Any],
+          *, include_fp: bool = True, device: torch.device | str | None = None,
+          progress: bool = True) -> list[dict[str, Any]]:
+    """Quantize every model with every config and evaluate; one tidy row each.
+
+    Args:
+        models: a module, a ``{name: module}`` dict, or ``(name, model[, method])`` tuples.
+        configs: the PTQ settings to try.
+        calib_batches: calibration images (tensors or ``(x, y)``); materialized once and reused.
+        eval_batches: ``(x, y)`` batches to evaluate on; materialized once and reused.
+        include_fp: add a full-precision row per model (``config='FP32'``).
+
+    Returns:
+        Rows with the columns :data:`SWEEP_COLUMNS`; accuracy in percent, times in seconds.
+    """
+    from tqdm.auto import tqdm
+
+    entries = _entries(models)
+    configs = list(configs)
+    calib = list(calib_batches)
+    evals = list(eval_batches)
+    rows: list[dict[str, Any]] = []
+    total = len(entries) * (len(configs) + int(include_fp))
+    bar = tqdm(total=total, desc="ptq sweep", disable=not progress)
+    for name, model, method in entries:
+        if include_fp:
+            m, dt = _evaluate(model, evals, device)
+            rows.append(dict(checkpoint=name, method=method, config="FP32", w_bits=None, a_bits=None,
+                             observer=None, w_granularity=None, accuracy=m["accuracy"], loss=m["loss"],
+                             calib_time_s=0.0, eval_time_s=dt))
+            bar.update()
+        for cfg in configs:
+            qm = quantize_model(model, cfg, calib, device=device)
+            m, dt = _evaluate(qm, evals, device)
+            rows.append(dict(checkpoint=name, method=method, config=cfg.label, w_bits=cfg.w_bits,
+                             a_bits=cfg.a_bits, observer=cfg.observer,
+                             w_granularity=("per-channel" if cfg.w_per_channel else "per-tensor")
+                             if cfg.w_bits is not None else None,
+                             accuracy=m["accuracy"], loss=m["loss"], calib_time_s=qm.calib_time_s,
+                             eval_time_s=dt))
+            logger.info("%s %s %s: %.2f%%", name, cfg.label, cfg.observer, m["accuracy"])
+            bar.update()
+    bar.close()
+    return rows
+
+
+def wqe_vs_aqe(model: nn.Module, calib_batches: Iterable[Any], eval_batches: Iterable[Any],
+               bits: Sequence[int] = (8, 6, 4, 3), *, base: PTQConfig | None = None,
+               device: torch.device | str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Which hurts more, weight (WQE) or activation (AQE) quantization error?
+
+    For each bit width b: weights only (WbA32), activations only (W32Ab) and both (WbAb).
+
+    Returns:
+        Rows ``bits, quantized ('none'|'weights'|'activations'|'both'), w_bits, a_bits, loss,
+        accuracy, d_loss, d_accuracy`` where the deltas are against full precision
+        (``d_loss > 0`` and ``d_accuracy < 0`` mean damage).
+    """
+    base = base or PTQConfig()
+    configs = []
+    for b in bits:
+        b = quant.check_bits(b)
+        configs += [base.replace(w_bits=b, a_bits=None), base.replace(w_bits=None, a_bits=b),
+                    base.replace(w_bits=b, a_bits=b)]
+    rows = sweep([("model", model)], configs, calib_batches, eval_batches, device=device, progress=progress)
+    fp = rows[0]
+    out = [dict(bits=None, quantized="none", w_bits=None, a_bits=None, loss=fp["loss"], accuracy=fp["accuracy"],
+                d_loss=0.0, d_accuracy=0.0)]
+    for r in rows[1:]:
+        kind = "both" if r["w_bits"] and r["a_bits"] else ("weights" if r["w_bits"] else "activations")
+        out.append(dict(bits=r["w_bits"] or r["a_bits"], quantized=kind, w_bits=r["w_bits"], a_bits=r["a_bits"],
+                        loss=r["loss"], accuracy=r["accuracy"], d_loss=r["loss"] - fp["loss"],
+                        d_accuracy=r["accuracy"] - fp["accuracy"]))
+    return out
+
+
+def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig], *, batch_size: int = 256,
+                      device: torch.device | str | None = None, data_dir: str | Path | None = None,
+                      progress: bool = True) -> list[dict[str, Any]]:
+    """:func:`sweep` over workbench checkpoints, each calibrated and evaluated on its own dataset.
+
+    Calibration uses the first ``n_calib`` images of the dataset's ``calib`` split (a subset of
+    train, never test); evaluation the ``test`` split.
+
+    Raises:
+        CheckpointError: a path is missing or not a workbench checkpoint.
+        ConfigError: a checkpoint records no dataset.
+    """
+    from ..checkpoint import load_model
+    from ..data import DataInfo, batches, load
+
+    configs = list(configs)
+    n_calib = max((c.n_calib for c in configs), default=256)
+    rows: list[dict[str, Any]] = []
+    cache: dict[tuple, Any] = {}
+    for path in paths:
+        model, ckpt = load_model(path, device=device or "cpu")
+        info = DataInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else None
+        if info is None:
+            raise ConfigError(f"{path} records no dataset, so it cannot be calibrated and evaluated")
+        key = (info.name, int((ckpt.get("train_config") or {}).get("seed", 0)))
+        if key not in cache:
+            cache[key] = load(info.name, data_dir=data_dir, n_calib=max(n_calib, 512), seed=key[1])
+        data = cache[key]
+        calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
+        evals = list(batches(data.test, data.info, batch_size, device=device or "cpu"))
+        method = (ckpt.get("method_config") or {}).get("method", "plain")
+        rows += sweep([(str(path), model, method)], configs, calib, evals, device=device, progress=progress)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows as a fixed-width text table (floats with 2 decimals, None as '-')."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
+        return str(v)
+
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""``workbench ptq``: argument parser and runner, for :mod:`workbench.cli` to register.
+
+Kept apart from the compute modules so they never import the CLI; this module only uses
+argparse objects it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
+from .observers import OBSERVERS
+
+
+def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+    """Add the ``ptq`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("ptq", help="post-training quantization sweep over checkpoints")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--bits", default=None, help="WbAb pairs: 8,6,4,3 or W4A8,W8A32 (32 = float)")
+    p.add_argument("--wbits", default=None, help="weight bits, crossed with --abits")
+    p.add_argument("--abits", default=None, help="activation bits, crossed with --wbits")
+    p.add_argument("--observer", default="minmax", choices=OBSERVERS.names())
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    p.add_argument("--n-calib", type=int, default=256)
+    p.add_argument("--no-attn", action="store_true", help="leave the attention matmuls in float")
+    p.add_argument("--softmax", default="uniform", choices=("uniform", "log2"))
+    p.add_argument("--first-last-8bit", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    add_json(p)
+
+
+def run_ptq_command(args: Any) -> int:
+    """Run the sweep described by parsed ``args``; print a table (or JSON rows with --json)."""
+    bits = args.bits if (args.bits or args.wbits or args.abits) else "8,6,4,3"
+    configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
+                                w_per_channel=not args.per_tensor, n_calib=args.n_calib,
+                                quant_attn=not args.no_attn, softmax_quantizer=args.softmax,
+                                first_last_8bit=args.first_last_8bit)
+    device = None if args.device == "auto" else args.device
+    if args.device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
+                             progress=not getattr(args, "json", False))
+    if getattr(args, "json", False):
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(rows, SWEEP_COLUMNS))
+    return 0
