@@ -11,11 +11,18 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import (CheckpointError, ConfigError, DataError, ModelError, NotebookError, RunDirError,
-                     TrainingDivergedError, WorkbenchError)
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+    NotebookError,
+    RunDirError,
+    TrainingDivergedError,
+    WorkbenchError,
+)
 
 log = logging.getLogger("workbench")
 

@@ -56,10 +56,11 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     out = {"python": platform.python_version(), "workbench": __version__, "torch": torch.__version__,
-           "numpy": np.__version__, "platform": platform.platform()}
+           "numpy": str(np.__version__), "platform": platform.platform()}
+    out["torch"] = str(torch.__version__)  # TorchVersion is not a plain str: keep checkpoints safe-loadable
     for mod in ("timm", "torchvision"):
         try:
-            out[mod] = __import__(mod).__version__
+            out[mod] = str(__import__(mod).__version__)
         except ImportError:  # pragma: no cover - both are dependencies
             out[mod] = "missing"
     out["cuda"] = torch.version.cuda or "none"

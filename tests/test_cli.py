@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from workbench import cli
+
+
+def run_cli(*args):
+    """Run the real console entry point in a subprocess; returns (rc, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_data_and_models_json(capsys):
+    assert cli.main(["data", "list", "--json"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert "fashion-mnist-mini" in names and "imagefolder:PATH" in names
+    assert cli.main(["data", "info", "fashion-mnist-mini", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["train"] == 10000 and info["num_classes"] == 10
+    assert cli.main(["models", "--json"]) == 0
+    assert "vit-micro" in [r["name"] for r in json.loads(capsys.readouterr().out)]
+
+
+def test_unknown_names_list_valid_ones(capsys, tmp_path):
+    assert cli.main(["data", "info", "fashion-mnst"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'fashion-mnist'" in err and "fashion-mnist-mini" in err
+    assert cli.main(["train", "--model", "vit-nano", "--out", str(tmp_path / "x")]) == 2
+    assert "vit-micro" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing created before the options were checked
+
+
+def test_train_then_eval_json_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli("train", "--model", "cnn-small", "--model-arg", "width=8", "--epochs", "1",
+                              "--train-arg", "warmup_epochs=0.1", "--lr", "0.003", "--out", str(out),
+                              "--json", "--no-progress")
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["test_accuracy"] > 40 and res["checkpoint"].endswith("model.pt")
+    rc, stdout, err = run_cli("eval", res["checkpoint"], "--json")
+    assert rc == 0, err
+    ev = json.loads(stdout)
+    assert ev["accuracy"] == pytest.approx(res["test_accuracy"]) and ev["data"] == "fashion-mnist-mini"
+    # the same output folder is refused rather than overwritten
+    rc, _, err = run_cli("train", "--model", "cnn-small", "--epochs", "1", "--out", str(out))
+    assert rc == 6 and "already exists" in err
+
+
+def test_eval_of_a_non_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "x.pt"
+    bad.write_text("hello")
+    assert cli.main(["eval", str(bad)]) == 5
+    assert "not a workbench checkpoint" in capsys.readouterr().err
