@@ -1,0 +1,330 @@
+"""Flatness analysis against exact Hessians of models small enough to write the Hessian down."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from workbench import flatness as fl
+from workbench import quant
+from workbench.errors import ConfigError, ModelError
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.bn(self.conv(x)))
+        return self.fc(self.drop(F.avg_pool2d(h, 2).flatten(1)))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(1)
+    m = _CNN().double()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        m.bn.running_mean.copy_(torch.tensor([0.1, -0.2]))
+        m.bn.running_var.copy_(torch.tensor([0.5, 2.0]))
+    return m
+
+
+def _data(model: nn.Module, n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 5) if isinstance(model, nn.Sequential) else (n, 1, 8, 8)
+    return torch.randn(*shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str] | None = None):
+    """Full Hessian of the eval-mode cross-entropy w.r.t. the flattened (selected) parameters."""
+    named = dict(model.named_parameters())
+    names = names or list(named)
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    rest = {n: p.detach() for n, p in named.items() if n not in names} | dict(model.named_buffers())
+    was = model.training
+    model.eval()
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        p = {n: c.view(s) for n, c, s in zip(names, theta.split(sizes), shapes)}
+        return F.cross_entropy(functional_call(model, (p | rest,), (x,)), y)
+
+    theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
+    H = torch.autograd.functional.hessian(f, theta0, vectorize=True)
+    model.train(was)
+    return H, theta0
+
+
+MODELS = [pytest.param(_mlp, id="mlp"), pytest.param(_cnn, id="cnn")]
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_hvp_methods_equal_exact(make):
+    model = make()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for method in ("fwd", "dbl", "auto"):
+        with fl.LossHessian(model, (x, y), method=method) as op:
+            hv1, hv2 = op.hvp(v), op.hvp(v)  # auto: the first two products use different methods
+        torch.testing.assert_close(hv1, H @ v, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(hv2, H @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_hvp_over_several_batches_is_the_sample_weighted_mean():
+    model = _mlp()
+    x, y = _data(model, n=20)
+    H, _ = exact_hessian(model, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    for method in ("fwd", "dbl"):
+        with fl.LossHessian(model, [(x[:12], y[:12]), (x[12:], y[12:])], method=method) as op:
+            torch.testing.assert_close(op.hvp(v), H @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_parameter_subset_is_the_diagonal_block():
+    model = _cnn()
+    x, y = _data(model)
+    names = ["conv.weight", "fc.*"]
+    with fl.LossHessian(model, (x, y), params=names) as op:
+        assert op.names == ["conv.weight", "fc.weight", "fc.bias"]
+        Hs, _ = exact_hessian(model, x, y, op.names)
+        v = torch.randn(op.numel, dtype=torch.float64)
+        torch.testing.assert_close(op.hvp(v), Hs @ v, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_top_eigenvalues_match_exact(make):
+    model = make()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    res = fl.top_eigenvalues(model, (x, y), k=3, tol=1e-6, max_iter=300, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.algorithm == "lanczos" and res.hvps == res.iterations
+    for got, want in zip(res.eigenvalues, exact[:3].tolist()):
+        assert got == pytest.approx(want, rel=0.03)
+    # power iteration (PyHessian's algorithm) finds the largest-magnitude eigenvalue
+    pw = fl.top_eigenvalues(model, (x, y), k=1, algorithm="power", tol=1e-8, max_iter=2000,
+                            generator=torch.Generator().manual_seed(0))
+    assert abs(pw.eigenvalues[0]) == pytest.approx(float(exact.abs().max()), rel=0.03)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_hutchinson_trace_within_its_stderr(make):
+    model = make()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    exact = float(H.trace())
+    # z^T H z has a relative std of 1-1.5 per probe here, hence many (vectorized) probes
+    res = fl.hutchinson_trace(model, (x, y), tol=0.01, max_probes=6000, block=2000, per_layer=True,
+                              generator=torch.Generator().manual_seed(0))
+    assert res.probes == 6000 and res.rel_stderr < 0.025
+    assert abs(res.estimate - exact) <= 3 * res.stderr
+    assert res.estimate == pytest.approx(exact, rel=0.03)
+    # per-layer diagonal blocks, estimated from the same probes
+    with fl.LossHessian(model, (x, y)) as op:
+        blocks = op.blocks()
+    assert set(res.per_layer) == set(blocks)
+    for layer, sl in blocks.items():
+        want = float(H.diagonal()[sl].sum())
+        got = res.per_layer[layer]
+        assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+
+
+def test_trace_stops_at_tolerance_and_reports_unconverged():
+    model = _mlp()
+    x, y = _data(model)
+    loose = fl.hutchinson_trace(model, (x, y), tol=0.5, min_probes=3, max_probes=500,
+                                generator=torch.Generator().manual_seed(0))
+    assert loose.converged and loose.probes < 500
+    capped = fl.hutchinson_trace(model, (x, y), tol=1e-9, min_probes=2, max_probes=5,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not capped.converged and capped.probes == 5 and len(capped.samples) == 5
+
+
+def test_same_generator_seed_same_estimate():
+    model = _mlp()
+    x, y = _data(model)
+    a = fl.hutchinson_trace(model, (x, y), max_probes=12, generator=torch.Generator().manual_seed(5))
+    b = fl.hutchinson_trace(model, (x, y), max_probes=12, generator=torch.Generator().manual_seed(5))
+    assert a.samples == b.samples
+
+
+@pytest.mark.parametrize("make", MODELS)
+@pytest.mark.parametrize("w_bits", [4, 3])
+def test_sigma_weighted_trace_matches_exact_diagonal(make, w_bits):
+    model = make()
+    x, y = _data(model)
+    names = fl.quantized_weight_names(model)
+    H, _ = exact_hessian(model, x, y, names)
+    sigma = fl.weight_sigma(model, names, w_bits)
+    # sigma is the per-output-channel rounding std of quant's symmetric quantizer
+    named = dict(model.named_parameters())
+    w = named[names[0]].detach()
+    qmax = 2 ** (w_bits - 1) - 1
+    want_sd = w.abs().flatten(1).amax(1) / qmax / math.sqrt(12)
+    torch.testing.assert_close(sigma[: w.numel()].view(w.shape[0], -1)[:, 0], want_sd)
+    exact = float((sigma**2 * H.diagonal()).sum())
+    res = fl.hutchinson_trace(model, (x, y), params=names, scale=sigma, tol=0.01, max_probes=6000,
+                              block=2000, generator=torch.Generator().manual_seed(1))
+    assert abs(res.estimate - exact) <= 3 * res.stderr
+    assert res.estimate == pytest.approx(exact, rel=0.03)
+    pred = fl.weight_quant_prediction(model, (x, y), w_bits=w_bits, tol=0.01, max_probes=6000, block=2000,
+                                      generator=torch.Generator().manual_seed(1))
+    assert pred.predicted == pytest.approx(res.estimate / 2, rel=1e-9)  # same probes, same estimate
+    # measured: the loss of a really quantized copy
+    q = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for mod in q.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                mod.weight.copy_(quant.fake_quantize(mod.weight, quant.weight_qparams(mod.weight, w_bits)))
+        qloss = float(F.cross_entropy(q(x), y))
+        base = float(F.cross_entropy(copy.deepcopy(model).eval()(x), y))
+    assert pred.measured_rtn == pytest.approx(qloss - base, abs=1e-12)
+    assert pred.clean_loss == pytest.approx(base, abs=1e-12)
+
+
+def test_spectral_density_is_a_probability_density_with_the_right_trace():
+    model = _mlp()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    ev = torch.linalg.eigvalsh(H)
+    d = fl.spectral_density(model, (x, y), runs=3, steps=200, generator=torch.Generator().manual_seed(0))
+    grid = torch.tensor(d.grid)
+    dens = torch.tensor(d.density)
+    area = float(torch.trapezoid(dens, grid))
+    assert area == pytest.approx(1.0, rel=0.02)
+    assert max(max(n) for n in d.nodes) == pytest.approx(float(ev.max()), rel=1e-6)
+    assert min(min(n) for n in d.nodes) == pytest.approx(float(ev.min()), rel=1e-6, abs=1e-9)
+    for w in d.weights:
+        assert sum(w) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_sharpness():
+    model = _mlp()
+    x, y = _data(model)
+    asc = fl.sharpness_ascent(model, (x, y), eps=0.05, steps=4)
+    assert asc.increase > 0 and asc.kind == "ascent"
+    with fl.LossHessian(model, (x, y)) as op:
+        g = op.gradient()
+        # a step of eps along the gradient is SAM's perturbation: ascent finds at least that
+        sam = op.perturbed_loss(0.05 * g / g.norm()) - float(op.loss())
+    assert asc.increase >= sam - 1e-12
+    rel = fl.sharpness_ascent(model, (x, y), eps=0.05, steps=2, relative=True)
+    assert rel.relative and rel.increase >= 0
+    # small Gaussian noise: mean increase ~ 1/2 sigma^2 tr(H) (+ zero-mean gradient term)
+    H, _ = exact_hessian(model, x, y)
+    s = 1e-3
+    gs = fl.sharpness_gaussian(model, (x, y), sigma=s, samples=400, generator=torch.Generator().manual_seed(0))
+    assert abs(gs.increase - 0.5 * s**2 * float(H.trace())) <= 4 * gs.stderr
+
+
+def test_spearman():
+    assert fl.spearman([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)
+    assert fl.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [1, 2.5, 2.5, 4], y ranks [1, 2, 3, 4]
+    assert fl.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(fl.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(fl.spearman([1], [2]))
+    with pytest.raises(ConfigError):
+        fl.spearman([1, 2], [1])
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def test_report_leaves_model_unchanged_and_restores_modes():
+    model = _cnn().train()
+    model.drop.eval()  # a mixed state must be restored flag by flag
+    before = _snapshot(model)
+    x, y = _data(model)
+    x_before = x.clone()
+    rep = fl.flatness_report(model, (x, y), w_bits=(4, 3), eig=2, density=True, per_layer=True, max_probes=20)
+    after = model.state_dict(keep_vars=True)
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert model.training and model.conv.training and model.bn.training and not model.drop.training
+    assert torch.equal(x, x_before)
+    assert all(p.grad is None for p in model.parameters())
+    for key in ("loss", "accuracy", "top_eigenvalues", "trace", "density", "sharpness", "quant", "hvp_method"):
+        assert key in rep
+    assert set(rep["quant"]) == {"W4", "W3"}
+    import json
+
+    json.dumps(rep)  # plain, JSON-able
+
+
+def test_damage_table_ranks_measures():
+    x, y = _data(_mlp())
+    models = {}
+    for i, scale in enumerate([0.5, 1.0, 2.0]):
+        m = _mlp()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale)
+        models[f"m{i}"] = m
+    out = fl.damage_table(models, (x, y), w_bits=(4,), max_probes=20, eig=1, sharpness=False)
+    assert len(out["rows"]) == 3
+    assert set(out["spearman"]["W4"]) == set(fl.MEASURES)
+    r = out["spearman"]["W4"]["predicted_increase"]
+    assert math.isnan(r) or -1 <= r <= 1
+
+
+def test_timm_vit_fused_attention_restored_and_hvp_consistent():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    model = timm_vit.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16,
+                                       depth=1, num_heads=2)
+    attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in attn:
+        m.fused_attn = True  # as on a machine where timm picks the fused kernel
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    before = _snapshot(model)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for method in ("fwd", "dbl"):
+        with fl.LossHessian(model, (x, y), method=method) as op:
+            outs.append(op.hvp(v))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-5)
+    assert all(m.fused_attn for m in attn)
+    assert all(torch.equal(v, model.state_dict(keep_vars=True)[k]) for k, v in before.items())
+    assert model.training
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _mlp()
+    x, y = _data(model)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ModelError, match="no parameters requiring grad"):
+        fl.hutchinson_trace(frozen, (x, y))
+    with pytest.raises(ConfigError, match="size 0"):
+        fl.top_eigenvalues(model, (x[:0], y[:0]))
+    with pytest.raises(ConfigError):
+        fl.top_eigenvalues(model, [])
+    n = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="number of parameters"):
+        fl.top_eigenvalues(model, (x, y), k=n + 1)
+    with pytest.raises(ConfigError):
+        fl.top_eigenvalues(model, (x, y), k=0)
+    with pytest.raises(ModelError, match="matches"):
+        fl.LossHessian(model, (x, y), params="nope.*")
+    with pytest.raises(ConfigError):
+        fl.LossHessian(model, (x, y), method="magic")
+    with pytest.raises(ConfigError):
+        fl.weight_quant_prediction(model, (x, y), w_bits=1)
+    with fl.LossHessian(model, (x, y)) as op, pytest.raises(ConfigError, match="shape"):
+        op.hvp(torch.zeros(3, dtype=torch.float64))
