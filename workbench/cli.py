@@ -8,6 +8,7 @@ raises on purpose print one clear line and exit with a code per error class.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -108,14 +109,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_method(args: argparse.Namespace):
     """(TrainMethod, method_config dict) from the CLI flags."""
-    from .methods import TrainMethod
-
-    if args.method == "plain" and args.bits is None:
-        return TrainMethod(), {"method": "plain"}
-    try:
-        from .precondition import MethodConfig, create_method
-    except ImportError as e:  # pragma: no cover
-        raise ConfigError(f"method {args.method!r} needs workbench.precondition: {e}") from e
+    from .precondition import MethodConfig, create_method
     from .quant import parse_bits_pair
 
     kw: dict[str, Any] = {"method": args.method}
@@ -247,12 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     add_json(e)
 
+    for module, adder, _runner in PLUGGED_COMMANDS:
+        mod = importlib.import_module(module, __package__)
+        getattr(mod, adder)(sub, add_json)
     for extra in _EXTRA_PARSERS:
         extra(sub, add_json)
     return p
 
 
-#: Later modules (ptq, flatness, runner) add their subcommands here.
+#: Subcommands whose parser and runner live beside their compute code (which never imports
+#: this module): (module, parser-adder, runner).
+PLUGGED_COMMANDS: list[tuple[str, str, str]] = [
+    (".ptq.command", "add_ptq_parser", "run_ptq_command"),
+]
 _EXTRA_PARSERS: list[Callable[[Any, Callable], None]] = []
 
 
@@ -262,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command not in COMMANDS:
+            module, _adder, runner = next(c for c in PLUGGED_COMMANDS if c[1] == f"add_{args.command}_parser")
+            return getattr(importlib.import_module(module, __package__), runner)(args)
         return COMMANDS[args.command](args)
     except WorkbenchError as e:
         print(f"workbench {args.command}: error: {e}", file=sys.stderr)
