@@ -181,7 +181,7 @@ def wqe_vs_aqe(model: nn.Module, calib_batches: Iterable[Any], eval_batches: Ite
 
 def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig], *, batch_size: int = 256,
                       device: torch.device | str | None = None, data_dir: str | Path | None = None,
-                      progress: bool = True) -> list[dict[str, Any]]:
+                      n_eval: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """:func:`sweep` over workbench checkpoints, each calibrated and evaluated on its own dataset.
 
     Calibration uses the first ``n_calib`` images of the dataset's ``calib`` split (a subset of
@@ -208,7 +208,7 @@ def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig],
             cache[key] = load(info.name, data_dir=data_dir, n_calib=max(n_calib, 512), seed=key[1])
         data = cache[key]
         calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
-        evals = list(batches(data.test, data.info, batch_size, device=device or "cpu"))
+        evals = list(batches(data.test, data.info, batch_size, limit=n_eval, device=device or "cpu"))
         method = (ckpt.get("method_config") or {}).get("method", "plain")
         rows += sweep([(str(path), model, method)], configs, calib, evals, device=device, progress=progress)
     return rows

@@ -28,6 +28,7 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--no-attn", action="store_true", help="leave the attention matmuls in float")
     p.add_argument("--softmax", default="uniform", choices=("uniform", "log2"))
     p.add_argument("--first-last-8bit", action="store_true")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     add_json(p)
@@ -46,7 +47,7 @@ def run_ptq_command(args: Any) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
-                             progress=not getattr(args, "json", False))
+                             n_eval=args.n_eval, progress=not getattr(args, "json", False))
     if getattr(args, "json", False):
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import quant
-from ..errors import ConfigError, DataError, WorkbenchWarning
+from ..errors import ConfigError, DataError, UnknownNameError, WorkbenchWarning
 from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, QuantMatMul, _QuantLayer
 from .observers import OBSERVERS, make_observer
 
@@ -70,7 +70,7 @@ class PTQConfig:
         for name in ("observer", "w_observer"):
             v = getattr(self, name)
             if v is not None and v not in OBSERVERS:
-                raise ConfigError(OBSERVERS.unknown_message(v))
+                raise UnknownNameError(OBSERVERS.unknown_message(v))
         if self.softmax_quantizer not in SOFTMAX_SCHEMES:
             raise ConfigError(f"softmax_quantizer must be one of {SOFTMAX_SCHEMES}, got {self.softmax_quantizer!r}")
         if not 50.0 < self.percentile <= 100.0:

@@ -1,0 +1,390 @@
+"""Tests of the PTQ engine against independent references (integer arithmetic, numpy percentiles)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench import quant
+from workbench.errors import CheckpointError, ConfigError, DataError, UnknownNameError
+from workbench.ptq import (
+    FLOAT_OPS,
+    OBSERVERS,
+    ActQuantizer,
+    PTQConfig,
+    QuantAttention,
+    QuantConv,
+    QuantLinear,
+    configs_from_bits,
+    make_observer,
+    quantize_model,
+    sweep,
+    wqe_vs_aqe,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensors on shared cores: one thread avoids oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2,
+                             num_heads=2, mlp_ratio=2.0).eval()
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():  # non-trivial BN statistics
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def images(n: int = 64, size: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------
+# quantize-dequantize properties
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_qdq_error_idempotent_and_clamped(bits: int, symmetric: bool) -> None:
+    x = torch.linspace(-3.0, 5.0, 10001)
+    qp = quant.activation_qparams(-1.0, 2.0, bits, symmetric=symmetric)
+    lo, hi = qp.lower(), qp.upper()
+    for fq in (quant.fake_quantize(x, qp),  # the reference primitive
+               torch.fake_quantize_per_tensor_affine(x, qp.step, qp.zero_point.int(), qp.qmin, qp.qmax)):
+        inside = (x >= lo) & (x <= hi)
+        fp32_slack = 4 * torch.finfo(torch.float32).eps * x.abs().max()  # matters at 16 bits only
+        assert ((fq - x)[inside].abs() <= qp.step / 2 + fp32_slack).all()
+        assert torch.allclose(quant.fake_quantize(fq, qp), fq, atol=1e-6 * float(qp.step))  # idempotent
+        assert torch.allclose(fq[x < lo], lo.expand_as(fq[x < lo])) and torch.allclose(fq[x > hi], hi)
+        assert float(fq.min()) >= float(lo) - 1e-6 and float(fq.max()) <= float(hi) + 1e-6
+
+
+def test_act_quantizer_matches_primitive() -> None:
+    aq = ActQuantizer(6, False, make_observer("minmax"))
+    x = torch.randn(4000)
+    aq(x)
+    aq.freeze()
+    qp = quant.activation_qparams(x.min(), x.max(), 6)
+    assert torch.allclose(aq.scale, qp.step) and int(aq.zero_point) == int(qp.zero_point)
+    assert torch.allclose(aq(x), quant.fake_quantize(x, qp), atol=1e-6)
+
+
+def test_log2_quantizer() -> None:
+    x = torch.rand(5000) ** 4  # many small probabilities
+    for bits in (3, 4, 8):
+        fq = quant.log2_fake_quantize(x, bits)
+        qmax = 2**bits - 1
+        nz = fq > 0
+        assert torch.equal(torch.log2(fq[nz]), torch.round(torch.log2(fq[nz])))  # powers of two
+        assert torch.equal(quant.log2_fake_quantize(fq, bits), fq)  # idempotent
+        big = x >= 2.0 ** -(qmax - 1.5)  # inside the range: within half an octave
+        ratio = fq[big] / x[big]
+        assert (ratio >= 2**-0.5 - 1e-6).all() and (ratio <= 2**0.5 + 1e-6).all()
+    assert float(quant.log2_fake_quantize(torch.tensor([0.0]), 4)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# fake quantization vs integer arithmetic
+
+
+def _reference_act_qparams(calib: torch.Tensor, bits: int) -> quant.QParams:
+    return quant.activation_qparams(calib.min(), calib.max(), bits)  # min-max, asymmetric
+
+
+@pytest.mark.parametrize("bits,per_channel", [(8, True), (8, False), (4, True), (3, False)])
+def test_linear_equals_integer_matmul(bits: int, per_channel: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 12)
+    calib = torch.randn(256, 24) * 2 + 0.5
+    qm = quantize_model(nn.Sequential(lin), PTQConfig(w_bits=bits, a_bits=bits, w_per_channel=per_channel),
+                        [calib])
+    x = torch.randn(40, 24) * 2 + 0.5
+    # independent reference: integer codes, int64 matmul, then scale
+    qa = _reference_act_qparams(calib, bits)
+    qw = quant.weight_qparams(lin.weight.detach(), bits, per_channel=per_channel)
+    xc = quant.quantize(x, qa).long() - qa.zero_point.long()
+    wc = quant.quantize(lin.weight.detach(), qw).long()
+    acc = xc @ wc.t()  # (40, 12) int64
+    ref = acc.double() * qa.step.double() * qw.step.double().reshape(1, -1) + lin.bias.detach().double()
+    with torch.no_grad():
+        out = qm(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("bits,per_channel", [(8, True), (4, False)])
+def test_conv_equals_integer_conv(bits: int, per_channel: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    calib = torch.randn(32, 3, 9, 9).abs()  # one-sided (post-ReLU-like), zero point at 0
+    calib[0, 0, 0, 0] = -0.1
+    qm = quantize_model(nn.Sequential(conv), PTQConfig(w_bits=bits, a_bits=bits, w_per_channel=per_channel),
+                        [calib])
+    x = torch.randn(5, 3, 9, 9).abs()
+    qa = _reference_act_qparams(calib, bits)
+    qw = quant.weight_qparams(conv.weight.detach(), bits, per_channel=per_channel)
+    xc = quant.quantize(x, qa).long() - qa.zero_point.long()  # zero-centred codes: padding 0 = real 0
+    wc = quant.quantize(conv.weight.detach(), qw).long()
+    cols = F.unfold(xc.double(), 3, padding=1, stride=2).round().long()  # (B, C*9, L), exact integers
+    acc = wc.reshape(6, -1) @ cols  # (B, 6, L) int64 matmul
+    ref = (acc.double() * qa.step.double() * qw.step.double().reshape(1, -1, 1)).reshape(5, 6, 5, 5)
+    ref = ref + conv.bias.detach().double().reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        out = qm(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------
+# observers
+
+
+def test_percentile_observer_matches_numpy() -> None:
+    data = torch.randn(20000, generator=torch.Generator().manual_seed(0)) ** 3
+    obs = make_observer("percentile", percentile=99.0)
+    for chunk in data.split(5000):
+        obs.update(chunk.reshape(50, 100))
+    lo, hi = obs.activation_range(8, symmetric=False)
+    assert float(lo) == pytest.approx(np.percentile(data.numpy(), 1.0), rel=1e-4)
+    assert float(hi) == pytest.approx(np.percentile(data.numpy(), 99.0), rel=1e-4)
+    lo_s, hi_s = obs.activation_range(8, symmetric=True)
+    assert float(hi_s) == pytest.approx(np.percentile(np.abs(data.numpy()), 99.0), rel=1e-4)
+    w = torch.randn(4, 50)
+    per_ch = make_observer("percentile", percentile=90.0).weight_absmax(w, 4, per_channel=True)
+    assert np.allclose(per_ch.flatten().numpy(), np.percentile(w.abs().numpy(), 90.0, axis=1), rtol=1e-5)
+
+
+def test_mse_observer_beats_minmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(50000, generator=g)
+    data[:5] = torch.tensor([40.0, -35.0, 30.0, 25.0, 50.0])  # outliers that ruin min-max
+    errs = {}
+    for name in ("minmax", "mse"):
+        obs = make_observer(name, sample_size=10**6)
+        obs.update(data)
+        lo, hi = obs.activation_range(4, symmetric=False)
+        qp = quant.activation_qparams(lo, hi, 4)
+        errs[name] = float((quant.fake_quantize(data, qp) - data).square().mean())
+    assert errs["mse"] < errs["minmax"]
+    w = torch.randn(8, 64, generator=g)
+    w[0, 0] = 20.0
+    for per_channel in (True, False):
+        e = {}
+        for name in ("minmax", "mse"):
+            absmax = make_observer(name).weight_absmax(w, 4, per_channel)
+            qp = quant.weight_qparams(w, 4, per_channel=per_channel, absmax=absmax)
+            e[name] = float((quant.fake_quantize(w, qp) - w).square().mean())
+        assert e["mse"] <= e["minmax"] + 1e-12
+
+
+def test_unknown_observer_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError, match="minmax, mse, percentile"):
+        PTQConfig(observer="histogram")
+    assert OBSERVERS.names() == ["minmax", "mse", "percentile"]
+
+
+# ---------------------------------------------------------------------------------------
+# conversion: original untouched, metadata, ViT attention
+
+
+def _snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_cnn])
+def test_original_model_is_not_modified(make) -> None:
+    model = make()
+    model.train()
+    before = _snapshot(model)
+    qm = quantize_model(model, PTQConfig(w_bits=4, a_bits=4, observer="mse"), [images(32)])
+    with torch.no_grad():
+        qm(images(8))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise
+    assert model.training and not qm.training
+    assert not any(isinstance(m, (QuantLinear, QuantConv, QuantAttention)) for m in model.modules())
+
+
+def test_describe_and_metadata_are_explicit() -> None:
+    qm = quantize_model(tiny_vit(), PTQConfig(w_bits=4, a_bits=8, softmax_quantizer="log2"), [images(32)])
+    rows = qm.describe()
+    tensors = {r["tensor"] for r in rows}
+    assert tensors == {"weight", "input", "q", "k", "v", "softmax"}
+    assert all(r["bits"] == 4 for r in rows if r["tensor"] == "weight")
+    assert all(r["granularity"] == "per-channel" for r in rows if r["tensor"] == "weight")
+    assert {r["scheme"] for r in rows if r["tensor"] == "softmax"} == {"log2"}
+    meta = qm.metadata()
+    json.dumps(meta)  # plain data
+    for op in ("LayerNorm", "softmax", "GELU"):
+        assert any(op in f for f in meta["float_ops"])
+    assert "floating point" in meta["note"] and meta["config"]["w_bits"] == 4
+    assert "LayerNorm" in qm.summary()
+    assert set(FLOAT_OPS) == set(meta["float_ops"])
+
+
+def test_weights_only_and_first_last_8bit() -> None:
+    qm = quantize_model(tiny_cnn(), PTQConfig(w_bits=4, a_bits=None))  # W4A32: no calibration needed
+    rows = qm.describe()
+    assert {r["tensor"] for r in rows} == {"weight"}
+    assert qm.config.label == "W4A32"
+    qm = quantize_model(tiny_cnn(), PTQConfig(w_bits=3, a_bits=3, first_last_8bit=True), [images(16)])
+    w_bits = [r["bits"] for r in qm.describe() if r["tensor"] == "weight"]
+    a_bits = [r["bits"] for r in qm.describe() if r["tensor"] == "input"]
+    assert w_bits == [8, 3, 8] and a_bits == [8, 3, 8]
+
+
+def test_vit_attention_is_replaced_and_16bit_matches_fp() -> None:
+    model = tiny_vit()
+    x = images(16)
+    qm = quantize_model(model, PTQConfig(w_bits=16, a_bits=16), [x])
+    assert sum(isinstance(m, QuantAttention) for m in qm.modules()) == 2
+    with torch.no_grad():
+        assert torch.allclose(qm(x), model(x), atol=1e-3)
+        # attention quantization off: the timm blocks stay (fused attention path)
+        q2 = quantize_model(model, PTQConfig(w_bits=16, a_bits=16, quant_attn=False), [x])
+        assert not any(isinstance(m, QuantAttention) for m in q2.modules())
+        assert torch.allclose(q2(x), model(x), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# config, sweeps, bad input
+
+
+def test_config_roundtrip_and_validation() -> None:
+    cfg = PTQConfig(w_bits=4, a_bits=None, observer="percentile", percentile=99.9)
+    assert PTQConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown PTQConfig field"):
+        PTQConfig.from_dict({"wbits": 4})
+    for bad in (1, 17, 0, 3.5, "8", True):
+        with pytest.raises(ConfigError):
+            PTQConfig(w_bits=bad)
+    with pytest.raises(ConfigError, match="out of range"):
+        PTQConfig(a_bits=1)
+    with pytest.raises(ConfigError):
+        PTQConfig(softmax_quantizer="cubic")
+
+
+def test_configs_from_bits() -> None:
+    labels = [c.label for c in configs_from_bits("8,6,4,3")]
+    assert labels == ["W8A8", "W6A6", "W4A4", "W3A3"]
+    labels = [c.label for c in configs_from_bits(None, wbits="4,8", abits="8,32")]
+    assert labels == ["W4A8", "W4A32", "W8A8", "W8A32"]
+    assert [c.label for c in configs_from_bits(["W4A8", "W8A32"])] == ["W4A8", "W8A32"]
+    assert configs_from_bits("4", observer="mse")[0].observer == "mse"
+    for bad in ("9x", "1", "4,40a"):
+        with pytest.raises(ConfigError):
+            configs_from_bits(bad)
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        configs_from_bits("")
+
+
+def test_empty_calibration_set_is_a_clear_error() -> None:
+    for calib in (None, [], [torch.zeros(0, 1, 16, 16)]):
+        with pytest.raises(DataError, match="calibration set is empty"):
+            quantize_model(tiny_cnn(), PTQConfig(), calib)
+
+
+def _labelled(model: nn.Module, n: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x = images(n)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # FP model is 100 % right by construction
+    return [(x[:64], y[:64]), (x[64:], y[64:])]
+
+
+def test_sweep_and_wqe_vs_aqe_rows() -> None:
+    model = tiny_cnn()
+    data = _labelled(model)
+    rows = sweep([("cnn", model)], configs_from_bits("8,2"), data, data, progress=False)
+    assert [r["config"] for r in rows] == ["FP32", "W8A8", "W2A2"]
+    assert rows[0]["accuracy"] == 100.0 and rows[1]["accuracy"] >= 90.0
+    assert {"checkpoint", "method", "w_bits", "a_bits", "observer", "accuracy", "loss", "calib_time_s",
+            "eval_time_s"} <= rows[1].keys()
+    table = wqe_vs_aqe(model, data, data, bits=(8, 3), progress=False)
+    assert [r["quantized"] for r in table] == ["none", "weights", "activations", "both"] * 1 + [
+        "weights", "activations", "both"]
+    assert table[0]["d_accuracy"] == 0.0 and all("d_loss" in r for r in table)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path) -> None:
+    from workbench.ptq import sweep_checkpoints
+
+    bogus = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    for path in (bogus, text, tmp_path / "missing.pt"):
+        with pytest.raises(CheckpointError):
+            sweep_checkpoints([path], configs_from_bits("8"), progress=False)
+
+
+def test_checkpoint_sweep_and_cli_hook(tmp_path, capsys) -> None:
+    from workbench import data as wd
+    from workbench import models as wm
+    from workbench.checkpoint import save_checkpoint
+    from workbench.ptq.command import add_ptq_parser, run_ptq_command
+
+    bundle = wd.load("fashion-mnist-mini")
+    model = wm.create("cnn-small", num_classes=bundle.info.num_classes, in_chans=bundle.info.channels,
+                      img_size=bundle.info.image_size)
+    path = save_checkpoint(tmp_path / "m.pt", model, data_info=bundle.info.to_dict())
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_ptq_parser(sub, lambda p: p.add_argument("--json", action="store_true"))
+    args = parser.parse_args(["ptq", str(path), "--bits", "8", "--n-calib", "32", "--n-eval", "256",
+                              "--json"])
+    assert run_ptq_command(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["config"] for r in rows] == ["FP32", "W8A8"]
+    assert rows[0]["checkpoint"] == str(path) and rows[0]["method"] == "plain"
+
+
+# ---------------------------------------------------------------------------------------
+# real integer path
+
+
+@pytest.mark.parametrize("make", [tiny_cnn, tiny_vit])
+def test_onnx_integer_runtime_matches_fake_quant(make, tmp_path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from workbench.ptq.onnx_export import cross_check
+
+    model = make()
+    data = _labelled(model, 256)
+    qm = quantize_model(model, PTQConfig(), data)
+    res = cross_check(model, qm, data, tmp_path / "m.onnx")
+    assert res["ops"].get("MatMulInteger", 0) + res["ops"].get("ConvInteger", 0) >= 3
+    assert abs(res["accuracy_gap"]) <= 0.8  # at most two of 256 predictions differ
+    assert res["logit_max_abs_diff"] < 0.05
+
+
+def test_onnx_export_refuses_what_has_no_integer_form(tmp_path) -> None:
+    pytest.importorskip("onnx")
+    from workbench.ptq.onnx_export import export_onnx
+
+    x = images(8)
+    for cfg in (PTQConfig(w_bits=8, a_bits=None), PTQConfig(w_bits=16, a_bits=8),
+                PTQConfig(softmax_quantizer="log2"), PTQConfig(a_symmetric=True)):
+        qm = quantize_model(tiny_vit(), cfg, [x])
+        with pytest.raises(ConfigError):
+            export_onnx(qm, tmp_path / "m.onnx", x)
