@@ -17,8 +17,8 @@ layer_error_bars        rows: layer, kind, std, pred_std           ``errormodel.
 accuracy_vs_bits        rows: method, w_bits, a_bits, accuracy     ``ptq.sweep``
 wqe_vs_aqe_plot         rows: bits, quantized, accuracy            ``ptq.wqe_vs_aqe``
 eigen_density           DensityResult or {name: DensityResult}     ``flatness.spectral_density``
-landscape_1d            {name: 1-D landscape} or rows alpha, loss  ``landscape``
-landscape_2d            2-D landscape (alphas, betas, losses)      ``landscape``
+landscape_1d            Landscape1D or {name: Landscape1D}         ``landscape.landscape_1d/_line``
+landscape_2d            Landscape2D                                ``landscape.landscape_2d``
 prediction_vs_measured  QuantPrediction(s) or damage_table rows    ``flatness``
 ======================  =========================================  ================================
 
@@ -538,18 +538,20 @@ def eigen_density(densities: Any, *, log_y: bool = True, eigenvalues: Mapping[st
     return fig
 
 
-def _curve(obj: Any, what: str) -> tuple[list[float], list[float], list[float] | None]:
-    """(alphas, losses, accuracies or None) of a 1-D landscape: an object/dict, or rows alpha, loss."""
+def _curve(obj: Any, what: str) -> tuple[list[float], list[float | None], list[float | None] | None, str | None]:
+    """(alphas, losses, accuracies or None, kind) of a 1-D landscape: a ``Landscape1D``, a dict, or rows."""
+    if hasattr(obj, "rows") and callable(obj.rows):  # landscape.Landscape1D
+        obj = obj.rows()
     if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], Mapping):
         rows = sorted(as_rows(obj, ("alpha", "loss"), what), key=lambda r: r["alpha"])
         acc = [_num(r.get("accuracy")) for r in rows] if "accuracy" in rows[0] else None
-        return [float(r["alpha"]) for r in rows], [_num(r["loss"]) for r in rows], acc
-    alphas = _as_list(_pick(obj, ("alphas", "alpha", "coords", "x"), what))
+        return [float(r["alpha"]) for r in rows], [_num(r["loss"]) for r in rows], acc, rows[0].get("kind")
+    alphas = _as_list(_pick(obj, ("alphas", "alpha"), what))
     losses = _as_list(_pick(obj, ("losses", "loss"), what))
     acc = _pick(obj, ("accuracies", "accuracy"), what, required=False)
     if len(alphas) != len(losses) or not alphas:
         raise ConfigError(f"{what}: alphas and losses must be non-empty and of equal length")
-    return alphas, losses, (_as_list(acc) if acc is not None else None)
+    return alphas, losses, (_as_list(acc) if acc is not None else None), _pick(obj, ("kind",), what, False)
 
 
 def _pick(obj: Any, names: Sequence[str], what: str, required: bool = True) -> Any:
@@ -562,22 +564,35 @@ def _pick(obj: Any, names: Sequence[str], what: str, required: bool = True) -> A
     return None
 
 
-def landscape_1d(curves: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
-    """Loss along one direction through the weights, several models overlaid.
+def landscape_1d(curves: Any, *, metric: str = "loss", log_y: bool = False, title: str | None = None) -> go.Figure:
+    """Loss (or accuracy) along one direction through the weights, several models overlaid.
 
     Args:
-        curves: a 1-D landscape (object or dict with ``alphas`` and ``losses``, optional
-            ``accuracies``), rows with columns ``alpha, loss``, or ``{name: one of those}``.
+        curves: a ``landscape.Landscape1D`` (random direction or the line between two models), a dict
+            with ``alphas, losses`` (optional ``accuracies``, a fraction as the landscape module
+            returns), rows with columns ``alpha, loss``, or ``{name: one of those}``.
+        metric: ``'loss'`` or ``'accuracy'`` (drawn in percent).
     """
+    if metric not in ("loss", "accuracy"):
+        raise ConfigError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
     fig = go.Figure()
+    kinds = set()
     for name, c in _named(curves, "landscapes").items():
-        a, loss, _ = _curve(c, f"landscape {name!r}")
-        fig.add_scatter(x=a, y=loss, mode="lines+markers", name=name, line=dict(color=method_color(name)),
+        a, loss, acc, kind = _curve(c, f"landscape {name!r}")
+        kinds.add(kind)
+        if metric == "accuracy" and acc is None:
+            raise ConfigError(f"landscape {name!r} has no accuracies")
+        y = loss if metric == "loss" else [None if v is None else 100 * v for v in acc]
+        unit = "nats" if metric == "loss" else "%"
+        fig.add_scatter(x=a, y=y, mode="lines+markers", name=name, line=dict(color=method_color(name)),
                         marker=dict(size=4),
-                        hovertemplate=f"{name}<br>step α = %{{x:.3g}} along the direction<br>loss %{{y:.4g}} "
-                                      "nats<extra></extra>")
-    _styled(fig, title or "Loss along a random direction (1-D landscape)",
-            xaxis_title="step α along the (filter-normalized) direction", yaxis_title="loss (nats)")
+                        hovertemplate=f"{name}<br>α = %{{x:.3g}}<br>{metric} %{{y:.4g}} {unit}<extra></extra>")
+    line = kinds == {"line"}
+    _styled(fig, title or ("Loss on the line between two models" if line else
+                           "Loss along a random filter-normalized direction (1-D landscape)"),
+            xaxis_title="interpolation α (0 = first model, 1 = second)" if line else
+            "step α along the filter-normalized direction (relative to each filter's norm)",
+            yaxis_title="loss (nats)" if metric == "loss" else "accuracy (%)")
     if log_y:
         fig.update_yaxes(type="log")
     return fig
@@ -587,18 +602,19 @@ def landscape_2d(surface: Any, *, kind: str = "contour", title: str | None = Non
     """Loss on a plane through the weights, as a contour map or a 3-D surface.
 
     Args:
-        surface: object or dict with ``alphas`` (x), ``betas`` (y) and ``losses`` (a
-            ``len(betas) x len(alphas)`` grid, rows = beta).
+        surface: a ``landscape.Landscape2D`` or a dict with ``alphas``, ``betas`` and ``losses`` where
+            ``losses[i][j]`` is the loss at ``(alphas[i], betas[j])`` (the landscape module's layout).
         kind: ``'contour'`` or ``'surface'``.
     """
     if kind not in ("contour", "surface"):
         raise ConfigError(f"kind must be 'contour' or 'surface', got {kind!r}")
-    a = _as_list(_pick(surface, ("alphas", "alpha", "x"), "2-D landscape"))
-    b = _as_list(_pick(surface, ("betas", "beta", "y"), "2-D landscape"))
-    z_raw = _pick(surface, ("losses", "loss", "z"), "2-D landscape")
-    z = z_raw.tolist() if hasattr(z_raw, "tolist") else [list(r) for r in z_raw]
-    if len(z) != len(b) or any(len(r) != len(a) for r in z):
-        raise ConfigError(f"2-D landscape: losses must be a {len(b)} x {len(a)} grid (betas x alphas)")
+    a = _as_list(_pick(surface, ("alphas", "alpha"), "2-D landscape"))
+    b = _as_list(_pick(surface, ("betas", "beta"), "2-D landscape"))
+    z_raw = _pick(surface, ("losses", "loss"), "2-D landscape")
+    grid = z_raw.tolist() if hasattr(z_raw, "tolist") else [list(r) for r in z_raw]
+    if len(grid) != len(a) or any(len(r) != len(b) for r in grid):
+        raise ConfigError(f"2-D landscape: losses must be a {len(a)} x {len(b)} grid (alphas x betas)")
+    z = [[grid[i][j] for i in range(len(a))] for j in range(len(b))]  # plotly wants z[y][x]
     hover = "α = %{x:.3g}, β = %{y:.3g}<br>loss %{z:.4g} nats<extra></extra>"
     if kind == "contour":
         fig = go.Figure(go.Contour(x=a, y=b, z=z, colorscale="Viridis", name="loss", hovertemplate=hover,
