@@ -1,0 +1,430 @@
+"""Helpers the notebooks share: output folders, run records, small data, training, tables.
+
+The notebooks in ``notebooks/`` import this module as ``nbt`` (d2l style: every helper's
+origin is visible in the notebook text). Logic two notebooks need lives here, not in cells;
+each docstring names the notebook that introduced the helper.
+
+Vocabulary (the same names as notebook parameters, CLI flags and CSV columns): ``data``,
+``model``, ``model_args``, ``methods``, ``w_bits``, ``a_bits``, ``bits``, ``noise_mult``,
+``epochs``, ``seed``, ``device``, ``limit_train``, ``limit_test``, ``n_calib``, ``out_dir``,
+``ckpt_dir``.
+
+This module is notebook glue: it may import plotly and IPython (inside functions), but the
+compute modules never import it.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import data as wdata
+from . import models as wmodels
+from .errors import CheckpointError, ConfigError
+from .runinfo import prepare_run_dir, resolve_device, run_metadata, set_seed, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the folder where notebooks run without ``out_dir`` write their
+#: results (default: ``runs/notebooks`` in the repository). The test suite points it at a temp folder.
+OUT_ROOT_ENV = "WORKBENCH_OUT_ROOT"
+
+#: The quick profile: the defaults of every notebook's ``parameters`` cell. Tiny on purpose:
+#: the whole notebook set runs in a few minutes on 2 CPU cores (and inside the test suite).
+QUICK_PROFILE: dict[str, Any] = {
+    "data": "fashion-mnist-mini",
+    "model": "vit-micro",
+    # a shrunken vit-micro: 2 blocks, dim 64, narrow conv stem (~60k params)
+    "model_args": {"depth": 2, "embed_dim": 64, "num_heads": 2, "stem_width": 32},
+    "epochs": 2,
+    "seed": 0,
+    "device": "cpu",
+    "limit_train": 2000,  # training images used (0 = all)
+    "limit_test": 500,  # test images used (0 = all)
+    "n_calib": 128,  # PTQ calibration images (drawn from the training images)
+    "batch_size": 128,
+}
+
+#: The full profile: what ``workbench run --profile full`` passes on top of the defaults.
+FULL_PROFILE: dict[str, Any] = {
+    "model_args": {},
+    "epochs": 10,
+    "device": "auto",
+    "limit_train": 0,
+    "limit_test": 0,
+    "n_calib": 512,
+}
+
+PROFILES: dict[str, dict[str, Any]] = {"quick": {}, "full": FULL_PROFILE}
+
+
+def quick_profile(**overrides: Any) -> dict[str, Any]:
+    """The quick-profile parameter values, with ``overrides`` applied (introduced in 00_quickstart).
+
+    Raises:
+        ConfigError: an override names no quick-profile parameter.
+    """
+    unknown = sorted(set(overrides) - set(QUICK_PROFILE))
+    if unknown:
+        raise ConfigError(f"unknown quick-profile parameter(s) {unknown}; valid: {sorted(QUICK_PROFILE)}")
+    return {**QUICK_PROFILE, **overrides}
+
+
+# ---------------------------------------------------------------------------------------
+# output folders and run records
+
+
+def default_out_root() -> Path:
+    """``$WORKBENCH_OUT_ROOT`` if set, else ``runs/notebooks`` in the repository."""
+    env = os.environ.get(OUT_ROOT_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "runs" / "notebooks"
+
+
+def prepare_out_dir(out_dir: str | Path | None, notebook: str) -> Path:
+    """The notebook's output folder: ``out_dir`` (must be new or empty), or a new time-stamped
+    folder under :func:`default_out_root` (introduced in 00_quickstart).
+
+    Raises:
+        RunDirError: ``out_dir`` exists and holds files (nothing is overwritten silently).
+    """
+    if out_dir:
+        return prepare_run_dir(out_dir)
+    root = default_out_root()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{notebook}-{stamp}"
+    n = 2
+    while path.exists():  # two runs within one second: never share a folder
+        path = root / f"{notebook}-{stamp}-{n}"
+        n += 1
+    return prepare_run_dir(path)
+
+
+def record_run(out_dir: str | Path, params: dict[str, Any], notebook: str | None = None) -> dict[str, Any]:
+    """Write ``run.json`` (parameters, versions, git commit, time) into ``out_dir`` and return it."""
+    meta = run_metadata(dict(params))
+    if notebook:
+        meta["notebook"] = notebook
+    write_json(Path(out_dir) / "run.json", meta)
+    return meta
+
+
+def start(notebook: str, params: dict[str, Any]) -> Path:
+    """Everything a notebook does first (introduced in 00_quickstart): prepare the output folder,
+    record the run, seed every generator, set plotly's renderer. Returns the output folder."""
+    out = prepare_out_dir(params.get("out_dir"), notebook)
+    record_run(out, params, notebook)
+    set_seed(int(params.get("seed", 0)))
+    _setup_plotly()
+    log.info("%s: results go to %s", notebook, out)
+    return out
+
+
+def _setup_plotly() -> None:
+    try:
+        import plotly.io as pio
+    except ImportError:  # pragma: no cover - plotly is a dependency
+        return
+    # JupyterLab renders the mimetype; the exported HTML (workbench run) needs plotly.js embedded once.
+    pio.renderers.default = "plotly_mimetype+notebook"
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def subset_bundle(bundle: wdata.DataBundle, limit_train: int | None = None, limit_test: int | None = None,
+                  n_calib: int | None = None, seed: int = 0) -> wdata.DataBundle:
+    """A seed-fixed random slice of a :class:`~workbench.data.DataBundle` (0/None = keep all).
+
+    Calibration images are redrawn from the kept training images (never from test), so PTQ
+    calibrates on data the model was trained on. Introduced in 00_quickstart.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def cut(split: wdata.ImageSplit, limit: int | None) -> wdata.ImageSplit:
+        if not limit or limit >= len(split):
+            return split
+        if limit < 0:
+            raise ConfigError(f"limits must be >= 0, got {limit}")
+        return split.subset(torch.randperm(len(split), generator=gen)[: int(limit)].sort().values)
+
+    train, test = cut(bundle.train, limit_train), cut(bundle.test, limit_test)
+    k = len(bundle.calib) if n_calib is None else int(n_calib)
+    calib = train.subset(torch.randperm(len(train), generator=gen)[: min(k, len(train))].sort().values)
+    params = {**bundle.params, "limit_train": limit_train or 0, "limit_test": limit_test or 0,
+              "n_calib": len(calib)}
+    return wdata.DataBundle(bundle.info, train, test, calib, bundle.val, seed=bundle.seed, params=params)
+
+
+def load_data(name: str, *, seed: int = 0, limit_train: int | None = None, limit_test: int | None = None,
+              n_calib: int = 128, data_dir: str | Path | None = None) -> wdata.DataBundle:
+    """:func:`workbench.data.load` then :func:`subset_bundle` (introduced in 00_quickstart)."""
+    bundle = wdata.load(name, data_dir=data_dir, seed=seed, n_calib=max(n_calib, 1))
+    return subset_bundle(bundle, limit_train, limit_test, n_calib, seed)
+
+
+def calib_batches(bundle: wdata.DataBundle, n_calib: int | None = None, batch_size: int = 128,
+                  device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration images as a list of normalized batches (introduced in 00_quickstart)."""
+    return list(wdata.batches(bundle.calib, bundle.info, batch_size, limit=n_calib, device=device))
+
+
+def eval_batches(bundle: wdata.DataBundle, split: str = "test", batch_size: int = 500,
+                 device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A split as a list of normalized batches, materialized once for repeated evaluation."""
+    return list(wdata.batches(bundle.split(split), bundle.info, batch_size, device=device))
+
+
+def describe_data(bundle: wdata.DataBundle) -> dict[str, Any]:
+    """Deterministic facts about a bundle: name, image shape, classes, split sizes."""
+    x = bundle.train.images
+    return {"data": bundle.info.name, "image_shape": list(x.shape[1:]), "classes": bundle.info.num_classes,
+            "train": len(bundle.train), "test": len(bundle.test), "calib": len(bundle.calib)}
+
+
+# ---------------------------------------------------------------------------------------
+# models and training
+
+
+def build_model(name: str, info: wdata.DataInfo, model_args: dict[str, Any] | None = None,
+                seed: int = 0) -> nn.Module:
+    """A freshly initialized model; the seed fixes the initialization (introduced in 00_quickstart)."""
+    set_seed(int(seed))
+    return wmodels.create(name, info, **(model_args or {}))
+
+
+def method_spec(entry: str | dict[str, Any], *, w_bits: int | None = 4, a_bits: int | None = 4,
+                noise_mult: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """``(label, MethodConfig dict)`` for a ``methods`` entry.
+
+    An entry is a method name (``'dnq'``) or a dict of MethodConfig fields plus an optional
+    ``label`` (``{'method': 'dnq', 'noise_mult': 2, 'label': 'dnq-k2'}``). The notebook's
+    ``w_bits``/``a_bits``/``noise_mult`` fill what the entry leaves out.
+    """
+    d = {"method": entry} if isinstance(entry, str) else dict(entry)
+    if "method" not in d:
+        raise ConfigError(f"a methods entry needs a 'method' name, got {entry!r}")
+    label = str(d.pop("label", d["method"]))
+    cfg = {"w_bits": w_bits, "a_bits": a_bits, "noise_mult": noise_mult, **d}
+    return label, cfg
+
+
+@dataclass
+class Trained:
+    """A trained model and what training reported (introduced in 00_quickstart)."""
+
+    label: str
+    model: nn.Module
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    method_config: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    reused: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """One tidy row: method, accuracy, loss, training time per step."""
+        steps = [r.get("step_time", math.nan) for r in self.history]
+        return {"method": self.label, "test_accuracy": self.metrics.get("test_accuracy"),
+                "test_loss": self.metrics.get("test_loss"), "epochs": self.metrics.get("epochs"),
+                "train_time_s": self.metrics.get("total_train_time"),
+                "step_time_s": sum(steps) / len(steps) if steps else math.nan, "reused": self.reused}
+
+
+def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bundle: wdata.DataBundle,
+              method_cfg: dict[str, Any]) -> bool:
+    from .checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        log.warning("not reusing %s: %s", ckpt_path, e)
+        return False
+    spec, saved_method = ckpt.get("model_spec", {}), ckpt.get("method_config", {})
+    same = (spec.get("name") == model_name and spec.get("overrides", {}) == dict(model_args)
+            and ckpt.get("data_info", {}).get("name") == bundle.info.name
+            and all(saved_method.get(k) == v for k, v in method_cfg.items() if k in saved_method))
+    if not same:
+        log.warning("not reusing %s: it was trained with another model, dataset or method setting", ckpt_path)
+    return same
+
+
+def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundle, *, model: str,
+                  model_args: dict[str, Any] | None = None, epochs: int = 2, seed: int = 0,
+                  device: str = "cpu", w_bits: int | None = 4, a_bits: int | None = 4,
+                  noise_mult: float = 1.0, batch_size: int = 128, out_dir: str | Path | None = None,
+                  ckpt_dir: str | Path | None = None, progress: bool = True,
+                  callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+                  train_args: dict[str, Any] | None = None) -> dict[str, Trained]:
+    """Train one model per method from the same initialization (introduced in 00_quickstart).
+
+    Each run's checkpoint and history go to ``out_dir/checkpoints/<label>/``. With ``ckpt_dir``
+    (e.g. the ``checkpoints`` folder of an earlier notebook's output), a compatible
+    ``ckpt_dir/<label>/model.pt`` is loaded instead of training again.
+
+    Returns:
+        ``{label: Trained}`` in the order of ``methods``.
+    """
+    from .checkpoint import load_model
+    from .precondition import MethodConfig, create_method
+    from .train import TrainConfig, fit
+
+    model_args = dict(model_args or {})
+    cfg = TrainConfig.from_dict({"epochs": int(epochs), "seed": int(seed), "device": device,
+                                 "batch_size": int(batch_size), **(train_args or {})})
+    dev = resolve_device(device)
+    out: dict[str, Trained] = {}
+    for entry in methods:
+        label, mcfg = method_spec(entry, w_bits=w_bits, a_bits=a_bits, noise_mult=noise_mult)
+        if label in out:
+            raise ConfigError(f"method label {label!r} appears twice; give entries distinct 'label's")
+        method_cfg = MethodConfig.from_dict(mcfg).to_dict()
+        saved = Path(ckpt_dir) / label / "model.pt" if ckpt_dir else None
+        if saved is not None and saved.is_file() and _reusable(saved, model, model_args, bundle, method_cfg):
+            net, ckpt = load_model(saved, dev)
+            out[label] = Trained(label, net, dict(ckpt.get("metrics", {})), list(ckpt["extra"].get("history", [])),
+                                 ckpt.get("method_config", {}), saved, reused=True)
+            continue
+        net = build_model(model, bundle.info, model_args, seed)
+        run_dir = prepare_run_dir(Path(out_dir) / "checkpoints" / label) if out_dir else None
+        res = fit(net, bundle, cfg, create_method(method_cfg), method_config=method_cfg, out_dir=run_dir,
+                  progress=progress, callbacks=callbacks)
+        out[label] = Trained(label, net.eval(), res.metrics, res.history, method_cfg, res.checkpoint)
+    return out
+
+
+def ptq_rows(trained: dict[str, Trained], configs: Sequence[Any], bundle: wdata.DataBundle,
+             n_calib: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """:func:`workbench.ptq.sweep` over trained models with ``drop`` (FP minus quantized accuracy)
+    added to each row (introduced in 00_quickstart)."""
+    from .ptq import sweep
+
+    models = [(t.label, t.model, t.method_config.get("method", t.label)) for t in trained.values()]
+    dev = next(next(iter(trained.values())).model.parameters()).device if trained else "cpu"
+    rows = sweep(models, configs, calib_batches(bundle, n_calib, device=dev), eval_batches(bundle, device=dev),
+                 progress=progress)
+    fp = {r["checkpoint"]: r["accuracy"] for r in rows if r["config"] == "FP32"}
+    for r in rows:
+        r["label"] = r.pop("checkpoint")
+        r["drop"] = fp[r["label"]] - r["accuracy"]
+    return rows
+
+
+@contextmanager
+def timed(row: dict[str, Any], key: str = "seconds") -> Iterator[dict[str, Any]]:
+    """Put the wall time of the ``with`` block into ``row[key]`` (cost columns in tables)."""
+    t0 = time.perf_counter()
+    try:
+        yield row
+    finally:
+        row[key] = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------
+# tables and figures
+
+
+def save_table(rows: Sequence[dict[str, Any]], out_dir: str | Path, name: str) -> list[dict[str, Any]]:
+    """Write tidy rows as ``<name>.csv`` and ``<name>.json`` (atomically) and return them."""
+    rows = [dict(r) for r in rows]
+    write_csv(Path(out_dir) / f"{name}.csv", rows)
+    write_json(Path(out_dir) / f"{name}.json", rows)
+    return rows
+
+
+def save_summary(out_dir: str | Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The notebook's headline rows as ``summary.csv/json``: what ``workbench report`` aggregates."""
+    return save_table(rows, out_dir, "summary")
+
+
+def save_figure(fig: Any, out_dir: str | Path, name: str) -> Any:
+    """Save a plotly figure as ``figures/<name>.html`` and ``.json`` and return the figure, so a
+    cell can end with ``nbt.save_figure(plots.x(rows), out, 'x')`` (introduced in 00_quickstart).
+
+    The HTML files share one ``plotly.min.js`` in that folder: they open offline, and a run with
+    many figures does not embed plotly.js many times.
+    """
+    from . import plots
+
+    plots.save_figure(fig, Path(out_dir) / "figures" / name, formats=("html", "json"),
+                      include_plotlyjs="directory")
+    return fig
+
+
+def compare(trained: dict[str, Trained], ptq: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Headline rows: per method and PTQ setting, FP and quantized accuracy, the drop, and the cost
+    of training (introduced in 00_quickstart)."""
+    out = []
+    for r in ptq:
+        if r["config"] == "FP32":
+            continue
+        t = trained.get(r["label"])
+        out.append({"method": r["label"], "config": r["config"], "observer": r.get("observer"),
+                    "fp_accuracy": r["accuracy"] + r["drop"], "quant_accuracy": r["accuracy"], "drop": r["drop"],
+                    "step_time_s": t.summary()["step_time_s"] if t else None})
+    return out
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{digits}f}" if v == 0 or 10 ** -digits <= abs(v) < 1e6 else f"{v:.{digits}g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x, digits) for x in v)
+    return str(v)
+
+
+class Table:
+    """Tidy rows shown as an HTML table in JupyterLab and as fixed-width text elsewhere (no pandas)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 2,
+                 title: str | None = None) -> None:
+        self.rows = [dict(r) for r in rows]
+        cols: list[str] = list(columns or [])
+        if not cols:
+            for r in self.rows:
+                cols += [k for k in r if k not in cols]
+        self.columns, self.digits, self.title = cols, digits, title
+
+    def cells(self) -> list[list[str]]:
+        return [[_fmt(r.get(c), self.digits) for c in self.columns] for r in self.rows]
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "(no rows)"
+        cells = self.cells()
+        widths = [max(len(c), *(len(t[i]) for t in cells)) for i, c in enumerate(self.columns)]
+        lines = ([self.title] if self.title else []) + ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in cells]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.cells())
+        cap = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 2,
+          title: str | None = None) -> Table:
+    """Display helper: ``nbt.table(rows, ['method', 'accuracy'])`` as the last line of a cell."""
+    return Table(rows, columns, digits, title)
+
+
+def pick(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    """Rows whose columns equal the given values: ``pick(rows, config='W4A4')``."""
+    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]

@@ -1,0 +1,540 @@
+"""Batch execution of the notebooks: ``run_notebooks`` (the whole set, in order), ``run_sweep``
+(one notebook over a parameter grid, N at a time) and ``make_report`` (one CSV and one HTML
+page from a run or a sweep).
+
+Layout of a run folder (``workbench run --out DIR``)::
+
+    DIR/run.json                  parameters, profile, versions, git commit
+    DIR/summary.json              one row per notebook: status, seconds, failing cell
+    DIR/executed/NB.ipynb, .html  the executed notebooks and their HTML export
+    DIR/results/NB/               what each notebook wrote (tables, figures, checkpoints)
+    DIR/report.csv, report.html   made by make_report at the end
+
+A sweep folder (``workbench sweep GRID.yaml --out DIR``) has ``sweep.json`` and ``summary.json``
+at the top and one ``jobs/NNN/`` folder per grid point (``executed/`` and ``results/`` inside).
+
+Kernels always run the Python interpreter running the workbench (not whichever ``python3``
+kernelspec happens to be installed), so a fresh clone's ``.venv`` is what executes notebooks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, NotebookError, RunDirError
+from .runinfo import prepare_run_dir, run_metadata, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+#: The repository's notebooks folder (the default notebook set).
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+#: Notebooks that take ``ckpt_dir`` reuse the checkpoints 00_quickstart trained in the same run.
+CHECKPOINT_SOURCE = "00_quickstart"
+#: The notebook that aggregates a run (it gets ``results_dir``).
+REPORT_NOTEBOOK = "06_report"
+
+
+# ---------------------------------------------------------------------------------------
+# kernels
+
+
+def _current_env_kernel_manager() -> type:
+    """A jupyter KernelManager class whose every kernelspec is this interpreter's ipykernel."""
+    import ipykernel.kernelspec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    class CurrentEnvSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str):  # noqa: ARG002 - one spec for every name
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
+                                          **ipykernel.kernelspec.get_kernel_dict())
+
+    class CurrentEnvKernelManager(KernelManager):
+        def _kernel_spec_manager_default(self) -> KernelSpecManager:
+            return CurrentEnvSpecs(data_dir=self.data_dir)
+
+    return CurrentEnvKernelManager
+
+
+# ---------------------------------------------------------------------------------------
+# notebooks and parameters
+
+
+def list_notebooks(folder: str | Path | None = None) -> list[Path]:
+    """The notebooks of a folder in run order (by name: ``00_...``, ``01_...``)."""
+    folder = Path(folder) if folder is not None else NOTEBOOK_DIR
+    nbs = sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith("."))
+    if not nbs:
+        raise ConfigError(f"no notebooks (*.ipynb) in {folder}")
+    return nbs
+
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """Names and default values (as source text) of a notebook's ``parameters`` cell.
+
+    Raises:
+        ConfigError: the notebook has no cell tagged ``parameters``.
+    """
+    import papermill
+
+    found = papermill.inspect_notebook(str(path))
+    if not found:
+        raise ConfigError(f"{Path(path).name} has no cell tagged 'parameters'")
+    return {k: v.get("default") for k, v in found.items()}
+
+
+def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path:
+    """A notebook path from a path, a file name or a stem (``03_ptq``).
+
+    Raises:
+        ConfigError: no such notebook (the message lists the available ones).
+    """
+    p = Path(name)
+    if p.suffix == ".ipynb" and p.is_file():
+        return p
+    cands = {q.stem: q for q in list_notebooks(folder)}
+    stem = p.stem if p.suffix == ".ipynb" else str(name)
+    if stem in cands:
+        return cands[stem]
+    raise ConfigError(f"unknown notebook {str(name)!r}; available: {', '.join(cands)}")
+
+
+def _params_for(params: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``params`` a notebook declares (papermill would warn about the rest)."""
+    return {k: v for k, v in params.items() if k in declared}
+
+
+def profile_params(profile: str) -> dict[str, Any]:
+    """The parameters a profile passes (``quick``: none, the notebooks' defaults are the quick profile)."""
+    from .nbtools import PROFILES
+
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+    return dict(PROFILES[profile])
+
+
+# ---------------------------------------------------------------------------------------
+# executing one notebook
+
+
+def _error_from(exc: Exception, notebook: str) -> NotebookError:
+    """Map papermill's execution error onto :class:`NotebookError` (cell index, name, value)."""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    count = getattr(exc, "exec_count", None)
+    cell = getattr(exc, "cell_index", None)
+    where = f"cell [{count}]" if count is not None else (f"cell #{cell}" if cell is not None else "a cell")
+    err = NotebookError(f"{notebook}: {where} raised {ename}: {evalue}", notebook=notebook, cell_index=cell,
+                        error_name=ename, error_value=str(evalue))
+    err.exec_count = count  # type: ignore[attr-defined]
+    return err
+
+
+def export_html(executed: str | Path) -> Path:
+    """Export an executed notebook to HTML next to it (nbconvert's lab template)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from .runinfo import atomic_write_text
+
+    executed = Path(executed)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    out = executed.with_suffix(".html")
+    atomic_write_text(out, body)
+    return out
+
+
+def execute_notebook(notebook: str | Path, executed: str | Path, parameters: Mapping[str, Any] | None = None, *,
+                     html: bool = True, cwd: str | Path | None = None, progress: bool = False,
+                     timeout: float | None = None, log_output: bool = False,
+                     raise_errors: bool = False) -> dict[str, Any]:
+    """Execute one notebook with papermill (current interpreter's kernel), export HTML.
+
+    Returns:
+        A summary row: ``notebook, status ('ok'|'failed'), seconds, executed, html`` plus, on failure,
+        ``cell, exec_count, error_name, error_value, message`` (the executed notebook is kept either way).
+
+    Raises:
+        NotebookError: with ``raise_errors``, when a cell fails (carries the cell and the error).
+    """
+    import papermill
+
+    notebook, executed = Path(notebook), Path(executed)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"notebook": notebook.stem, "status": "ok", "executed": str(executed)}
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=dict(parameters or {}), progress_bar=progress,
+            cwd=str(cwd) if cwd is not None else None, kernel_name="python3", log_output=log_output,
+            execution_timeout=timeout, kernel_manager_class=_current_env_kernel_manager())
+    except papermill.PapermillExecutionError as e:
+        err = _error_from(e, notebook.stem)
+        row.update(status="failed", cell=err.cell_index, exec_count=getattr(err, "exec_count", None),
+                   error_name=err.error_name, error_value=err.error_value, message=str(err))
+    except Exception as e:  # kernel died, timeout, bad parameters: still one failed row, not a crash
+        err = _error_from(e, notebook.stem)
+        row.update(status="failed", cell=None, exec_count=None, error_name=err.error_name,
+                   error_value=err.error_value, message=str(err))
+    row["seconds"] = time.perf_counter() - t0
+    if html and executed.is_file():
+        try:
+            row["html"] = str(export_html(executed))
+        except Exception as e:  # an export problem must not hide the execution result
+            log.warning("HTML export of %s failed: %s", executed.name, e)
+    if raise_errors and row["status"] != "ok":
+        raise NotebookError(row["message"], notebook=notebook.stem, cell_index=row["cell"],
+                            error_name=row["error_name"], error_value=row["error_value"])
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# workbench run
+
+
+def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[str, Any] | None = None,
+                  notebooks: Sequence[str | Path] | None = None, folder: str | Path | None = None,
+                  html: bool = True, share_checkpoints: bool = True, stop_on_error: bool = False,
+                  progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Execute the notebooks in order into ``out`` (see the module docstring for the layout).
+
+    Args:
+        profile: ``quick`` (the notebooks' defaults) or ``full``.
+        params: ``key=value`` overrides on top of the profile; each notebook gets the keys its
+            ``parameters`` cell declares.
+        notebooks: names or paths (default: every notebook in ``folder``, in order).
+        share_checkpoints: notebooks with a ``ckpt_dir`` parameter reuse 00_quickstart's checkpoints.
+        stop_on_error: stop at the first failing notebook (default: run the rest, report at the end).
+
+    Returns:
+        ``{"out": ..., "notebooks": [summary rows], "failed": [...], "seconds": ...}``.
+
+    Raises:
+        RunDirError: ``out`` exists and is not empty.
+        ConfigError: unknown profile/notebook, or a parameter no notebook declares.
+    """
+    from tqdm.auto import tqdm
+
+    paths = [resolve_notebook(n, folder) for n in notebooks] if notebooks else list_notebooks(folder)
+    declared = {p.stem: notebook_parameters(p) for p in paths}
+    given = {**profile_params(profile), **dict(params or {})}
+    unknown = sorted(k for k in (params or {}) if not any(k in d for d in declared.values()))
+    if unknown:
+        valid = sorted(set().union(*declared.values()))
+        raise ConfigError(f"no notebook has parameter(s) {unknown}; valid: {', '.join(valid)}")
+    out = prepare_run_dir(out)  # only now, with every name checked, create the folder
+    write_json(out / "run.json", {**run_metadata(dict(given)), "kind": "run", "profile": profile,
+                                  "notebooks": [p.stem for p in paths]})
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress)
+    for nb in bar:
+        bar.set_postfix_str(nb.stem)
+        p = _params_for(given, declared[nb.stem])
+        p["out_dir"] = str(out / "results" / nb.stem)
+        ckpt = out / "results" / CHECKPOINT_SOURCE / "checkpoints"
+        if share_checkpoints and "ckpt_dir" in declared[nb.stem] and "ckpt_dir" not in given and ckpt.is_dir():
+            p["ckpt_dir"] = str(ckpt)
+        if "results_dir" in declared[nb.stem] and "results_dir" not in given:
+            p["results_dir"] = str(out / "results")
+        row = execute_notebook(nb, out / "executed" / nb.name, p, html=html, cwd=nb.parent)
+        rows.append(row)
+        write_json(out / "summary.json", rows)
+        if row["status"] != "ok":
+            log.error("%s", row["message"])
+            if stop_on_error:
+                break
+    bar.close()
+    result = {"out": str(out), "notebooks": rows, "failed": [r for r in rows if r["status"] != "ok"],
+              "seconds": time.perf_counter() - t0}
+    if report:
+        result["report"] = {k: str(v) for k, v in make_report(out).items()}
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# workbench sweep
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    """Read a sweep file: ``notebook`` (name or path), ``parameters`` (base values) and ``grid``
+    (name -> list of values; the cartesian product is run).
+
+    Raises:
+        ConfigError: missing/invalid keys, or a grid entry that is not a non-empty list.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e}") from e
+    if not isinstance(spec, dict) or "notebook" not in spec:
+        raise ConfigError(f"{path}: a sweep file needs 'notebook', optional 'parameters' and 'grid'")
+    unknown = sorted(set(spec) - {"notebook", "parameters", "grid", "description"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; use notebook, parameters, grid, description")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: 'grid' must map parameter names to non-empty lists")
+    base = spec.get("parameters") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: 'parameters' must be a mapping")
+    nb = str(spec["notebook"])
+    if not Path(nb).is_absolute() and (path.parent / nb).is_file():
+        nb = str(path.parent / nb)  # relative to the sweep file first
+    return {"notebook": nb, "parameters": base, "grid": grid, "description": spec.get("description", "")}
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of a grid, in a stable order (first key varies slowest)."""
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def _job(args: dict[str, Any]) -> dict[str, Any]:
+    """One sweep job, run in a worker process (top-level so it pickles)."""
+    if args.get("threads"):
+        # The kernel inherits this: N concurrent jobs share the cores instead of oversubscribing them.
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args["threads"])
+    row = execute_notebook(args["notebook"], args["executed"], args["parameters"], html=args["html"],
+                           cwd=Path(args["notebook"]).parent)
+    return {**row, "job": args["job"], "point": args["point"]}
+
+
+def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bool = True,
+              progress: bool = True, report: bool = True,
+              executor_factory: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Run a notebook over a parameter grid, ``jobs`` at a time (processes).
+
+    A failing job does not stop the others; the summary lists each failure with its cell.
+
+    Returns:
+        ``{"out", "jobs": [rows], "failed": [rows], "seconds"}``; each row has ``job``, ``point``
+        (the grid values), ``status``, ``seconds`` and, on failure, ``cell``/``exec_count``/``error_*``.
+
+    Raises:
+        ConfigError: bad sweep file, unknown notebook or parameter, ``jobs < 1``.
+        RunDirError: ``out`` exists and is not empty.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    if int(jobs) < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    spec = load_grid(grid_file)
+    nb = resolve_notebook(spec["notebook"])
+    declared = notebook_parameters(nb)
+    points = grid_points(spec["grid"])
+    unknown = sorted((set(spec["parameters"]) | set(spec["grid"])) - set(declared))
+    if unknown:
+        raise ConfigError(f"{nb.name} has no parameter(s) {unknown}; valid: {', '.join(declared)}")
+    out = prepare_run_dir(out)
+    write_json(out / "sweep.json", {**run_metadata(dict(spec["parameters"])), "kind": "sweep",
+                                    "notebook": nb.stem, "grid": spec["grid"], "points": points,
+                                    "description": spec["description"]})
+    threads = max(1, (os.cpu_count() or 1) // int(jobs)) if int(jobs) > 1 else None
+    tasks = []
+    for i, point in enumerate(points):
+        job = f"{i:03d}"
+        params = {**spec["parameters"], **point, "out_dir": str(out / "jobs" / job / "results")}
+        tasks.append({"job": job, "point": point, "notebook": str(nb), "parameters": params, "html": html,
+                      "executed": str(out / "jobs" / job / "executed" / nb.name), "threads": threads})
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(tasks), desc=f"sweep {nb.stem}", unit="job", disable=not progress)
+    if int(jobs) == 1 and executor_factory is None:
+        for t in tasks:
+            rows.append(_job(t))
+            bar.update(1)
+            write_json(out / "summary.json", sorted(rows, key=lambda r: r["job"]))
+    else:
+        factory = executor_factory or (lambda n: ProcessPoolExecutor(n, mp_context=get_context("spawn")))
+        with factory(int(jobs)) as pool:
+            futures = {pool.submit(_job, t): t for t in tasks}
+            for fut in as_completed(futures):
+                t = futures[fut]
+                try:
+                    rows.append(fut.result())
+                except Exception as e:  # the worker itself died: still one failed row
+                    rows.append({"job": t["job"], "point": t["point"], "notebook": nb.stem, "status": "failed",
+                                 "error_name": type(e).__name__, "error_value": str(e), "cell": None,
+                                 "message": f"job {t['job']} crashed: {e}"})
+                bar.update(1)
+                write_json(out / "summary.json", sorted(rows, key=lambda r: r["job"]))
+    bar.close()
+    rows.sort(key=lambda r: r["job"])
+    result = {"out": str(out), "jobs": rows, "failed": [r for r in rows if r["status"] != "ok"],
+              "seconds": time.perf_counter() - t0}
+    if report:
+        result["report"] = {k: str(v) for k, v in make_report(out).items()}
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# workbench report
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("skipping unreadable %s: %s", path, e)
+        return None
+
+
+def _tables(results: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every tidy table (``NAME.json`` holding a list of dicts) directly in a results folder."""
+    out = {}
+    for p in sorted(results.glob("*.json")):
+        rows = _read_json(p)
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            out[p.stem] = rows
+    return out
+
+
+def collect_results(folder: str | Path) -> dict[str, Any]:
+    """Gather a run's or a sweep's results: kind, units (one per notebook or job) and summary rows.
+
+    Each summary row is a notebook's ``summary`` table row with ``unit`` (notebook name or job id),
+    ``notebook`` and, for sweeps, the grid values in front.
+
+    Raises:
+        RunDirError: the folder is neither a run nor a sweep.
+    """
+    folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        meta, kind = _read_json(folder / "sweep.json") or {}, "sweep"
+        status = {r["job"]: r for r in (_read_json(folder / "summary.json") or [])}
+        units = [(d.name, d / "results", status.get(d.name, {}),
+                  (status.get(d.name) or {}).get("point") or _point_of(meta, d.name))
+                 for d in sorted((folder / "jobs").glob("*")) if d.is_dir()]
+        notebook = meta.get("notebook", "")
+    elif (folder / "run.json").is_file() and (folder / "results").is_dir():
+        meta, kind = _read_json(folder / "run.json") or {}, "run"
+        status = {r["notebook"]: r for r in (_read_json(folder / "summary.json") or [])}
+        units = [(d.name, d, status.get(d.name, {}), {}) for d in sorted((folder / "results").glob("*")) if d.is_dir()]
+        notebook = None
+    elif (folder / "run.json").is_file():  # one notebook's own output folder
+        meta, kind = _read_json(folder / "run.json") or {}, "notebook"
+        units = [(meta.get("notebook") or folder.name, folder, {}, {})]
+        notebook = meta.get("notebook")
+    else:
+        raise RunDirError(f"{folder} holds no workbench run or sweep (no run.json or sweep.json)")
+    rows: list[dict[str, Any]] = []
+    unit_info = []
+    for name, results, st, point in units:
+        tables = _tables(results) if results.is_dir() else {}
+        nb = notebook or name
+        for r in tables.get("summary", []):
+            rows.append({"unit": name, "notebook": nb, **point, **r})
+        unit_info.append({"unit": name, "notebook": nb, "point": point, "status": st.get("status", "unknown"),
+                          "seconds": st.get("seconds"), "error": st.get("message"), "html": st.get("html"),
+                          "results": str(results), "tables": tables,
+                          "figures": sorted(str(p) for p in (results / "figures").glob("*.html"))
+                          if results.is_dir() else []})
+    return {"kind": kind, "meta": meta, "units": unit_info, "rows": rows}
+
+
+def _point_of(meta: dict[str, Any], job: str) -> dict[str, Any]:
+    pts = meta.get("points") or []
+    i = int(job) if job.isdigit() else -1
+    return pts[i] if 0 <= i < len(pts) else {}
+
+
+def _html_table(rows: Sequence[dict[str, Any]], limit: int = 200) -> str:
+    from .nbtools import Table
+
+    if not rows:
+        return "<p><i>(no rows)</i></p>"
+    more = f"<p><i>{len(rows) - limit} more rows in the CSV.</i></p>" if len(rows) > limit else ""
+    return Table(rows[:limit])._repr_html_() + more
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:right;font-size:90%}th{background:#f3f3f3}caption{text-align:left;font-weight:bold}"
+        ".failed{color:#b00}")
+
+
+def make_report(folder: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Aggregate a run or a sweep into ``report.csv`` (every summary row, tidy) and ``report.html``
+    (status of each notebook/job, the summary rows, each notebook's tables, links to figures and
+    executed notebooks).
+
+    Raises:
+        RunDirError: not a run/sweep folder, or a report exists and ``overwrite`` is False.
+    """
+    import html as _h
+
+    folder = Path(folder)
+    res = collect_results(folder)
+    csv_path, html_path = folder / "report.csv", folder / "report.html"
+    if not overwrite and (csv_path.exists() or html_path.exists()):
+        raise RunDirError(f"{folder} already has a report; pass overwrite=True (--overwrite) to replace it")
+    write_csv(csv_path, res["rows"])
+
+    def link(p: str | None, text: str) -> str:
+        if not p:
+            return ""
+        rel = os.path.relpath(p, folder)
+        return f'<a href="{_h.escape(rel)}">{_h.escape(text)}</a>'
+
+    title = f"workbench {res['kind']} report: {folder.name}"
+    status_rows = [{res["kind"] == "sweep" and "job" or "notebook": u["unit"], **u["point"],
+                    "status": u["status"], "seconds": u["seconds"], "error": u["error"] or ""}
+                   for u in res["units"]]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_h.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{_h.escape(title)}</h1>"]
+    git = (res["meta"].get("git") or {})
+    parts.append(f"<p>made {time.strftime('%Y-%m-%d %H:%M')}; git commit {_h.escape(str(git.get('commit')))}"
+                 f"{' (dirty)' if git.get('dirty') else ''}; profile {_h.escape(str(res['meta'].get('profile', '-')))}"
+                 f"; {len(res['rows'])} summary rows in <a href='report.csv'>report.csv</a></p>")
+    parts.append("<h2>Status</h2>" + _html_table(status_rows))
+    parts.append("<h2>Summary</h2>" + _html_table(res["rows"]))
+    for u in res["units"]:
+        cls = " class='failed'" if u["status"] == "failed" else ""
+        parts.append(f"<h2{cls}>{_h.escape(u['unit'])} ({_h.escape(u['status'])})</h2>")
+        links = [link(u["html"], "executed notebook")] + [link(f, Path(f).stem) for f in u["figures"]]
+        if any(links):
+            parts.append("<p>" + " · ".join(x for x in links if x) + "</p>")
+        for name, rows in u["tables"].items():
+            if name != "summary":
+                parts.append(f"<h3>{_h.escape(name)}</h3>" + _html_table(rows, limit=50))
+    parts.append("</body></html>")
+    from .runinfo import atomic_write_text
+
+    atomic_write_text(html_path, "\n".join(parts))
+    return {"csv": csv_path, "html": html_path}
+
+
+def format_summary(rows: Iterable[dict[str, Any]]) -> str:
+    """Fixed-width text of run/sweep rows for the terminal, failures with their cell."""
+    lines = []
+    for r in rows:
+        name = r.get("job") and f"job {r['job']} {json.dumps(r.get('point', {}))}" or r.get("notebook", "?")
+        secs = f"{r.get('seconds', 0) or 0:7.1f} s"
+        if r.get("status") == "ok":
+            lines.append(f"  ok      {secs}  {name}")
+        else:
+            where = f"cell [{r['exec_count']}]" if r.get("exec_count") is not None else "a cell"
+            lines.append(f"  FAILED  {secs}  {name}: {where} raised {r.get('error_name')}: "
+                         f"{_one_line(r.get('error_value'))}")
+    return "\n".join(lines)
+
+
+def _one_line(s: Any, n: int = 160) -> str:
+    text = re.sub(r"\s+", " ", str(s or "")).strip()
+    return text if len(text) <= n else text[: n - 3] + "..."
