@@ -347,7 +347,7 @@ def layer_error_bars(rows: Any, *, value: str = "std", title: str | None = None)
         raise ConfigError(f"value must be 'std' or 'ratio', got {value!r}")
     rows = as_rows(rows, LAYER_ERROR_COLUMNS, "per-layer error table")
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    fig = make_subplots(rows=len(kinds), cols=1, shared_xaxes=False, vertical_spacing=0.12 if len(kinds) > 1 else 0,
+    fig = make_subplots(rows=len(kinds), cols=1, shared_xaxes=False, vertical_spacing=0.2 if len(kinds) > 1 else 0,
                         subplot_titles=[f"{k.upper()}: {'weight' if k == 'wqe' else 'activation'} quantization "
                                         "error" for k in kinds])
     for i, kind in enumerate(kinds, start=1):
