@@ -428,3 +428,71 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
 def pick(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
     """Rows whose columns equal the given values: ``pick(rows, config='W4A4')``."""
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
+
+# ---------------------------------------------------------------------------------------
+# helpers of the later notebooks
+
+
+def ptq_configs(bits: Sequence[int], observers: Sequence[str] = ("minmax",), n_calib: int = 128,
+                per_channel: bool = True, **overrides: Any) -> list[Any]:
+    """``WbAb`` PTQ settings for every bit width and observer (introduced in 02_preconditioning)."""
+    from .ptq import PTQConfig
+
+    return [PTQConfig(w_bits=int(b), a_bits=int(b), observer=o, n_calib=int(n_calib), w_per_channel=per_channel,
+                      **overrides) for o in observers for b in bits]
+
+
+def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per error kind (and site): how well ``step/sqrt(12)`` predicts the measured std and how
+    Gaussian the errors look, averaged over layers (introduced in 01_error_model)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r.get("site") or "input"), []).append(r)
+    out = []
+    for (kind, site), rs in groups.items():
+        def mean(col: str, rs: list[dict[str, Any]] = rs) -> float:
+            vals = [float(r[col]) for r in rs if r.get(col) is not None and not math.isnan(float(r[col]))]
+            return sum(vals) / len(vals) if vals else math.nan
+        out.append({"kind": kind, "site": site, "layers": len(rs), "bits": rs[0].get("bits"),
+                    "ratio_mean": mean("ratio"), "ratio_min": min(r["ratio"] for r in rs),
+                    "ratio_max": max(r["ratio"] for r in rs), "kurtosis_mean": mean("kurtosis"),
+                    "ks_gaussian_mean": mean("ks_gaussian"), "ks_uniform_mean": mean("ks_uniform")})
+    return out
+
+
+def cost_figure(rows: Sequence[dict[str, Any]], title: str = "Accuracy after PTQ against training cost") -> Any:
+    """Quantized accuracy against training time per step, one marker per method and setting
+    (``compare`` rows; introduced in 02_preconditioning)."""
+    import plotly.graph_objects as go
+
+    from . import plots
+
+    fig = go.Figure()
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        fig.add_trace(go.Scatter(
+            x=[r["step_time_s"] for r in rs], y=[r["quant_accuracy"] for r in rs], mode="markers+text",
+            text=[r["config"] for r in rs], textposition="top center", name=method,
+            marker={"size": 11, "color": plots.method_color(method)},
+            hovertemplate=f"{method} %{{text}}<br>%{{x:.3f}} s/step<br>%{{y:.2f}} %<extra></extra>"))
+    fig.update_layout(template=plots.template(), title=title, xaxis_title="training time per step (s)",
+                      yaxis_title="accuracy after PTQ (%)")
+    return fig
+
+
+def drop_figure(rows: Sequence[dict[str, Any]], title: str = "Accuracy lost to PTQ") -> Any:
+    """Grouped bars of ``drop`` (FP minus quantized accuracy) per PTQ setting, one colour per method
+    (``compare`` rows; introduced in 06_report)."""
+    import plotly.graph_objects as go
+
+    from . import plots
+
+    fig = go.Figure()
+    for method in dict.fromkeys(str(r["method"]) for r in rows):
+        rs = [r for r in rows if str(r["method"]) == method]
+        fig.add_trace(go.Bar(x=[f"{r['config']} {r.get('observer') or ''}".strip() for r in rs],
+                             y=[r["drop"] for r in rs], name=method, marker_color=plots.method_color(method)))
+    fig.update_layout(template=plots.template(), title=title, barmode="group", xaxis_title="PTQ setting",
+                      yaxis_title="accuracy drop (percentage points)")
+    return fig

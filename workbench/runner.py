@@ -244,7 +244,7 @@ def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[st
         if share_checkpoints and "ckpt_dir" in declared[nb.stem] and "ckpt_dir" not in given and ckpt.is_dir():
             p["ckpt_dir"] = str(ckpt)
         if "results_dir" in declared[nb.stem] and "results_dir" not in given:
-            p["results_dir"] = str(out / "results")
+            p["results_dir"] = str(out)
         row = execute_notebook(nb, out / "executed" / nb.name, p, html=html, cwd=nb.parent)
         rows.append(row)
         write_json(out / "summary.json", rows)
@@ -431,6 +431,13 @@ def collect_results(folder: str | Path) -> dict[str, Any]:
         meta, kind = _read_json(folder / "run.json") or {}, "notebook"
         units = [(meta.get("notebook") or folder.name, folder, {}, {})]
         notebook = meta.get("notebook")
+    elif any((d / "run.json").is_file() for d in folder.glob("*")):
+        # a folder of notebook output folders (runs/notebooks): the latest one of each notebook
+        latest: dict[str, Path] = {}
+        for d in sorted(p for p in folder.glob("*") if (p / "run.json").is_file()):
+            latest[(_read_json(d / "run.json") or {}).get("notebook") or d.name] = d
+        meta, kind, notebook = {}, "folder", None
+        units = [(name, d, {"status": "ok"}, {}) for name, d in sorted(latest.items())]
     else:
         raise RunDirError(f"{folder} holds no workbench run or sweep (no run.json or sweep.json)")
     rows: list[dict[str, Any]] = []
@@ -469,10 +476,10 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
         ".failed{color:#b00}")
 
 
-def make_report(folder: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+def make_report(folder: str | Path, *, out: str | Path | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Aggregate a run or a sweep into ``report.csv`` (every summary row, tidy) and ``report.html``
     (status of each notebook/job, the summary rows, each notebook's tables, links to figures and
-    executed notebooks).
+    executed notebooks), written into ``out`` (default: ``folder``).
 
     Raises:
         RunDirError: not a run/sweep folder, or a report exists and ``overwrite`` is False.
@@ -481,7 +488,8 @@ def make_report(folder: str | Path, *, overwrite: bool = False) -> dict[str, Pat
 
     folder = Path(folder)
     res = collect_results(folder)
-    csv_path, html_path = folder / "report.csv", folder / "report.html"
+    dest = Path(out) if out is not None else folder
+    csv_path, html_path = dest / "report.csv", dest / "report.html"
     if not overwrite and (csv_path.exists() or html_path.exists()):
         raise RunDirError(f"{folder} already has a report; pass overwrite=True (--overwrite) to replace it")
     write_csv(csv_path, res["rows"])
@@ -489,7 +497,7 @@ def make_report(folder: str | Path, *, overwrite: bool = False) -> dict[str, Pat
     def link(p: str | None, text: str) -> str:
         if not p:
             return ""
-        rel = os.path.relpath(p, folder)
+        rel = os.path.relpath(p, dest)
         return f'<a href="{_h.escape(rel)}">{_h.escape(text)}</a>'
 
     title = f"workbench {res['kind']} report: {folder.name}"
@@ -538,3 +546,167 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
 def _one_line(s: Any, n: int = 160) -> str:
     text = re.sub(r"\s+", " ", str(s or "")).strip()
     return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+# command line: parsers and runners for workbench.cli to register (this module never imports it)
+
+
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values read as YAML (``3``, ``0.5``, ``[plain, dnq]``, ``{depth: 4}``),
+    ``None`` as null, anything else as a string. Hyphens in keys become underscores.
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"-p expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        text = v.strip()
+        if text in ("None", "null", "~"):
+            val: Any = None
+        else:
+            try:
+                val = yaml.safe_load(text)
+            except yaml.YAMLError:
+                val = v
+            if val is None:  # an empty value is the empty string, not null
+                val = v
+        out[k.strip().replace("-", "_")] = val
+    return out
+
+
+def add_run_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+    """``workbench run``."""
+    p = sub.add_parser("run", help="execute the notebooks in order (papermill) into a new folder")
+    p.add_argument("--profile", default="quick", choices=("quick", "full"),
+                   help="quick: the notebooks' tiny CPU defaults; full: the real models and data")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="notebook parameter override, repeatable (e.g. -p epochs=5 -p 'methods=[plain,dnq]')")
+    p.add_argument("--notebook", action="append", metavar="NAME", help="run only these notebooks (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing notebook")
+    p.add_argument("--no-progress", action="store_true")
+    add_json(p)
+
+
+def add_sweep_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+    """``workbench sweep``."""
+    p = sub.add_parser("sweep", help="run one notebook over a parameter grid (YAML), N at a time")
+    p.add_argument("grid", help="YAML file: notebook, parameters, grid (see notebooks/sweeps/)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (processes)")
+    p.add_argument("--no-html", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    add_json(p)
+
+
+def add_report_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+    """``workbench report``."""
+    p = sub.add_parser("report", help="aggregate a run or sweep folder into report.csv and report.html")
+    p.add_argument("folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    add_json(p)
+
+
+def _finish(result: dict[str, Any], rows_key: str, as_json: bool, what: str) -> int:
+    import sys
+
+    rows = result[rows_key]
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"{what}: {len(rows) - len(result['failed'])} of {len(rows)} succeeded in "
+              f"{result['seconds']:.0f} s -> {result['out']}")
+        print(format_summary(rows))
+        if result.get("report"):
+            print(f"report: {result['report']['html']}")
+    if result["failed"]:
+        print(f"{len(result['failed'])} failed; the executed notebooks show the failing cells", file=sys.stderr)
+        return 8  # the CLI's exit code for NotebookError
+    return 0
+
+
+def run_run_command(args: Any) -> int:
+    """``workbench run``: execute the notebook set, print a summary; exit 8 if any notebook failed."""
+    result = run_notebooks(args.out, profile=args.profile, params=parse_params(args.param),
+                           notebooks=args.notebook, html=not args.no_html, stop_on_error=args.stop_on_error,
+                           progress=not args.no_progress)
+    return _finish(result, "notebooks", args.json, "notebooks")
+
+
+def run_sweep_command(args: Any) -> int:
+    """``workbench sweep``: run the grid, print a summary with each failure's cell; exit 8 on failures."""
+    result = run_sweep(args.grid, args.out, jobs=args.jobs, html=not args.no_html, progress=not args.no_progress)
+    return _finish(result, "jobs", args.json, "sweep jobs")
+
+
+def run_report_command(args: Any) -> int:
+    """``workbench report``: write report.csv and report.html into the folder."""
+    paths = make_report(args.folder, overwrite=args.overwrite)
+    res = collect_results(args.folder)
+    if args.json:
+        print(json.dumps({"csv": str(paths["csv"]), "html": str(paths["html"]), "rows": len(res["rows"]),
+                          "kind": res["kind"]}, indent=2))
+    else:
+        print(f"{res['kind']} report: {len(res['rows'])} summary rows from {len(res['units'])} "
+              f"{'jobs' if res['kind'] == 'sweep' else 'notebooks'}\n  {paths['csv']}\n  {paths['html']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# keeping the stored notebooks clean
+
+#: Cells whose stored output nbval compares (``--nbval-lax``); every other output is stripped.
+CHECK_MARKER = "# NBVAL_CHECK_OUTPUT"
+
+
+def clean_notebook(path: str | Path, executed: str | Path | None = None) -> int:
+    """Strip outputs, execution counts and run metadata from a stored notebook, keeping (or, from
+    ``executed``, refreshing) the outputs of cells marked ``# NBVAL_CHECK_OUTPUT``.
+
+    Maintainers run it after editing a notebook, with the notebook executed at its defaults
+    (e.g. ``DIR/executed/NB.ipynb`` of a quick ``workbench run``). Returns the checked cells kept.
+
+    Raises:
+        ConfigError: a checked cell has no output to keep, or its output is an error.
+    """
+    import nbformat
+
+    from .runinfo import atomic_write_text
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    fresh: dict[str, Any] = {}
+    if executed is not None:
+        ex = nbformat.read(Path(executed), as_version=4)
+        fresh = {c.source: c.outputs for c in ex.cells if c.cell_type == "code" and CHECK_MARKER in c.source}
+    kept = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if CHECK_MARKER in cell.source:
+            outputs = fresh.get(cell.source, cell.outputs)
+            if not outputs or any(o.output_type == "error" for o in outputs):
+                raise ConfigError(f"{path.name}: checked cell has no usable output:\n{cell.source[:200]}")
+            for o in outputs:
+                if o.output_type == "execute_result":  # nbval compares the text only
+                    o.execution_count = None
+                    o.data = {k: v for k, v in o.data.items() if k == "text/plain"}
+                    o.metadata = {}
+            cell.outputs = outputs
+            kept += 1
+        else:
+            cell.outputs = []
+    for key in ("papermill", "widgets"):
+        nb.metadata.pop(key, None)
+    atomic_write_text(path, nbformat.writes(nb) + "\n")
+    return kept

@@ -1,0 +1,203 @@
+"""workbench.runner: papermill execution, sweeps, reports; fixture notebooks include broken ones.
+
+The fixture notebooks are tiny (no torch work), so most of the cost is kernel start-up. The
+real notebooks with non-default parameters run in the ``slow`` tests at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from workbench import runner
+from workbench.errors import ConfigError, NotebookError, RunDirError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_nb(path: Path, params_src: str, *cells: str) -> Path:
+    pcell = new_code_cell(params_src)
+    pcell.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[new_markdown_cell("# fixture"), pcell, *(new_code_cell(c) for c in cells)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+GOOD = (
+    "from workbench import nbtools as nbt\n"
+    "out = nbt.start('{name}', dict(x=x, fail=fail, out_dir=out_dir))",
+    "import sys\nnbt.save_table([{{'x': x, 'python': sys.executable}}], out, 'facts')",
+    "if fail:\n    raise ValueError(f'x={{x}} is not allowed')",
+    "nbt.save_summary(out, [{{'x': x, 'double': 2 * x}}])",
+)
+
+
+@pytest.fixture()
+def nbdir(tmp_path: Path) -> Path:
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _write_nb(d / "00_first.ipynb", "x = 1\nfail = False\nout_dir = None", *(c.format(name="00_first") for c in GOOD))
+    _write_nb(d / "01_second.ipynb", "x = 2\nfail = False\nout_dir = None",
+              *(c.format(name="01_second") for c in GOOD))
+    return d
+
+
+def test_run_notebooks_layout_summary_report_and_kernel(nbdir: Path, tmp_path: Path, monkeypatch) -> None:
+    # A decoy 'python3' kernelspec that cannot start: the runner must use this interpreter anyway.
+    decoy = tmp_path / "decoy" / "kernels" / "python3"
+    decoy.mkdir(parents=True)
+    (decoy / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/python", "-m", "ipykernel_launcher",
+                                                            "-f", "{connection_file}"],
+                                                   "display_name": "decoy", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "decoy"))
+    out = tmp_path / "run"
+    res = runner.run_notebooks(out, folder=nbdir, params={"x": 5}, progress=False)
+    assert [r["status"] for r in res["notebooks"]] == ["ok", "ok"], res
+    assert not res["failed"]
+    for stem in ("00_first", "01_second"):
+        assert (out / "executed" / f"{stem}.ipynb").is_file()
+        assert (out / "executed" / f"{stem}.html").stat().st_size > 1000
+        facts = json.loads((out / "results" / stem / "facts.json").read_text())
+        assert facts[0]["x"] == 5  # the -p override reached every notebook declaring it
+        assert facts[0]["python"] == sys.executable
+        run = json.loads((out / "results" / stem / "run.json").read_text())
+        assert run["params"]["x"] == 5 and "versions" in run and "git" in run
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["kind"] == "run" and meta["profile"] == "quick"
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["notebook"], r["double"]) for r in rows] == [("00_first", "10"), ("01_second", "10")]
+    assert "00_first" in (out / "report.html").read_text()
+    # never overwritten silently: the run folder, and the report
+    with pytest.raises(RunDirError):
+        runner.run_notebooks(out, folder=nbdir, progress=False)
+    with pytest.raises(RunDirError):
+        runner.make_report(out)
+    assert runner.make_report(out, overwrite=True)["csv"].is_file()
+
+
+def test_run_reports_failing_cell_and_goes_on(nbdir: Path, tmp_path: Path) -> None:
+    res = runner.run_notebooks(tmp_path / "run", folder=nbdir, params={"fail": True}, progress=False,
+                               html=False, report=False)
+    assert [r["status"] for r in res["notebooks"]] == ["failed", "failed"]
+    r = res["notebooks"][0]
+    assert r["error_name"] == "ValueError" and "not allowed" in r["error_value"]
+    assert r["exec_count"] == 5  # parameters, injected parameters, 2 cells, then the failing one
+    text = runner.format_summary(res["notebooks"])
+    assert "FAILED" in text and "cell [5]" in text and "ValueError" in text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary) == 2
+
+
+def test_execute_notebook_raises_notebook_error(nbdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotebookError) as ei:
+        runner.execute_notebook(nbdir / "00_first.ipynb", tmp_path / "x.ipynb", {"fail": True}, html=False,
+                                raise_errors=True)
+    e = ei.value
+    assert e.notebook == "00_first" and e.error_name == "ValueError" and isinstance(e.cell_index, int)
+
+
+def test_run_checks_names_before_touching_the_folder(nbdir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no notebook has parameter"):
+        runner.run_notebooks(tmp_path / "a", folder=nbdir, params={"nope": 1}, progress=False)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        runner.run_notebooks(tmp_path / "b", folder=nbdir, profile="huge", progress=False)
+    with pytest.raises(ConfigError, match="available"):
+        runner.run_notebooks(tmp_path / "c", folder=nbdir, notebooks=["99_missing"], progress=False)
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_sweep_runs_grid_in_processes_and_lists_failures(nbdir: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"notebook: {nbdir / '00_first.ipynb'}\nparameters: {{x: 3}}\n"
+                    "grid:\n  fail: [false, true]\n  x: [1, 2]\n")
+    res = runner.run_sweep(grid, tmp_path / "sweep", jobs=2, html=False, progress=False)
+    assert [r["point"] for r in res["jobs"]] == [{"fail": False, "x": 1}, {"fail": False, "x": 2},
+                                                 {"fail": True, "x": 1}, {"fail": True, "x": 2}]
+    assert [r["status"] for r in res["jobs"]] == ["ok", "ok", "failed", "failed"]
+    assert {r["error_name"] for r in res["failed"]} == {"ValueError"}
+    assert all(r["exec_count"] == 5 for r in res["failed"])
+    rows = list(csv.DictReader((tmp_path / "sweep" / "report.csv").open()))
+    assert [(r["unit"], r["x"], r["double"]) for r in rows] == [("000", "1", "2"), ("001", "2", "4")]
+    html = (tmp_path / "sweep" / "report.html").read_text()
+    assert "failed" in html and "ValueError" in html
+
+
+def test_sweep_file_errors(tmp_path: Path, nbdir: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {x: [1]}\n")
+    with pytest.raises(ConfigError, match="needs 'notebook'"):
+        runner.load_grid(bad)
+    bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{x: 1}}\n")
+    with pytest.raises(ConfigError, match="non-empty lists"):
+        runner.load_grid(bad)
+    bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{y: [1]}}\n")
+    with pytest.raises(ConfigError, match="no parameter"):
+        runner.run_sweep(bad, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    assert runner.grid_points({"a": [1, 2], "b": ["u"]}) == [{"a": 1, "b": "u"}, {"a": 2, "b": "u"}]
+
+
+def test_example_grid_is_valid() -> None:
+    for path in sorted((ROOT / "notebooks" / "sweeps").glob("*.yaml")):
+        spec = runner.load_grid(path)
+        declared = runner.notebook_parameters(runner.resolve_notebook(spec["notebook"]))
+        assert set(spec["grid"]) | set(spec["parameters"]) <= set(declared), path.name
+
+
+def test_parse_params() -> None:
+    p = runner.parse_params(["epochs=3", "methods=[plain, dnq]", "model_args={depth: 4}", "out_dir=None",
+                             "data=digits", "noise-mult=0.5"])
+    assert p == {"epochs": 3, "methods": ["plain", "dnq"], "model_args": {"depth": 4}, "out_dir": None,
+                 "data": "digits", "noise_mult": 0.5}
+    with pytest.raises(ConfigError):
+        runner.parse_params(["epochs"])
+
+
+def test_report_refuses_foreign_folder(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="no workbench run"):
+        runner.make_report(tmp_path)
+
+
+def test_cli_hooks_parse(tmp_path: Path) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    for add in (runner.add_run_parser, runner.add_sweep_parser, runner.add_report_parser):
+        add(sub, lambda sp: sp.add_argument("--json", action="store_true"))
+    a = p.parse_args(["run", "--out", "x", "-p", "epochs=1", "--profile", "full"])
+    assert (a.profile, a.param, a.out) == ("full", ["epochs=1"], "x")
+    a = p.parse_args(["sweep", "g.yaml", "--out", "y", "--jobs", "2"])
+    assert (a.grid, a.jobs) == ("g.yaml", 2)
+    a = p.parse_args(["report", "z", "--overwrite", "--json"])
+    assert a.overwrite and a.json
+
+
+# ---------------------------------------------------------------------------------------
+# the real notebooks with non-default parameters (another dataset and model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook,params", [
+    ("00_quickstart", {"data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
+                       "limit_train": 600, "limit_test": 200, "n_calib": 64, "w_bits": 3, "a_bits": 6}),
+    ("03_ptq", {"data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
+                "limit_train": 600, "limit_test": 200, "n_calib": 64, "bits": [8, 4]}),
+])
+def test_real_notebook_with_other_parameters(notebook: str, params: dict, tmp_path: Path) -> None:
+    nb = runner.resolve_notebook(notebook)
+    params = {k: v for k, v in params.items() if k in runner.notebook_parameters(nb)}
+    row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {**params, "out_dir": str(tmp_path / "res")},
+                                  html=True, cwd=nb.parent)
+    assert row["status"] == "ok", row.get("message")
+    run = json.loads((tmp_path / "res" / "run.json").read_text())
+    assert run["params"]["data"] == "digits" and run["params"]["model"] == "cnn-small"
+    assert json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert Path(row["html"]).is_file()
