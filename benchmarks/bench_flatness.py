@@ -1,0 +1,255 @@
+"""Benchmark: workbench.flatness against PyHessian 0.1 on the same model, batch and work.
+
+PyHessian is GPL-3.0, so it is never a dependency of the workbench: this script installs it (without
+dependencies) into its own virtual environment and puts only that environment's site-packages on
+``sys.path`` of this process. Without network access, or with ``--no-pyhessian``, it times the
+workbench alone and says why.
+
+Both tools run interleaved in one process (the CPU is shared with other jobs, so only ratios measured
+side by side mean anything). For each model:
+
+* equal work: top eigenvalue with 20 Hessian-vector products (PyHessian: power iteration; workbench:
+  Lanczos, and power iteration for reference) and trace with 10 Rademacher probes;
+* equal accuracy (``--at-tol``): PyHessian's default stopping (``tol=1e-3`` on successive power
+  iterates) vs the workbench's Lanczos with ``tol=1e-3`` on the Ritz residual.
+
+Run::
+
+    python benchmarks/bench_flatness.py                 # default ViT (batch 128) + ResNet-18 at 32 px
+    python benchmarks/bench_flatness.py --full          # + timm vit_tiny 32 px patch 4, small-image ResNet-18 28 px
+    python benchmarks/bench_flatness.py --models resnet18-32 --batch 64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import site
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workbench import flatness as fl  # noqa: E402
+
+DEFAULT_MODELS = ["vit-micro", "resnet18-32"]
+FULL_MODELS = DEFAULT_MODELS + ["vit_tiny-32", "resnet18-28"]
+
+
+def build(name: str) -> tuple[torch.nn.Module, int, int]:
+    """(model, in_chans, img_size) for a benchmark model name."""
+    import timm
+
+    if name == "vit-micro":  # the workbench default ViT on 28 px grayscale
+        try:
+            from workbench import models
+
+            return models.create("vit-micro", num_classes=10, in_chans=1, img_size=28), 1, 28
+        except Exception:  # the models package is not there yet: same layout, built directly
+            from timm.models.vision_transformer import VisionTransformer
+
+            return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
+                                     depth=4, num_heads=3), 1, 28
+    if name == "resnet18-28":  # the workbench's small-image ResNet-18 (stride-1 stem, no max-pool)
+        from workbench import models
+
+        return models.create("resnet18", num_classes=10, in_chans=1, img_size=28), 1, 28
+    if name == "resnet18-32":  # the reference figure's model: timm resnet18 on 32 px
+        return timm.create_model("resnet18", num_classes=10, in_chans=3), 3, 32
+    if name == "vit_tiny-32":  # the reference figure's model: timm vit_tiny, 32 px, patch 4
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
+                                 depth=12, num_heads=3), 3, 32
+    raise SystemExit(f"unknown model {name!r}; choose from {FULL_MODELS}")
+
+
+def load_pyhessian(env_dir: Path | None, enabled: bool):
+    """Import PyHessian from its own virtual env (created on first use); None with a message if impossible."""
+    if not enabled:
+        print("PyHessian: disabled (--no-pyhessian); timing the workbench alone")
+        return None
+    env = env_dir or Path(tempfile.gettempdir()) / "workbench-bench-pyhessian-env"
+    py = env / "bin" / "python"
+    try:
+        if not py.exists():
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+            subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet",
+                            "--no-deps", "pyhessian==0.1"], check=True, timeout=300)
+        purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        if not (Path(purelib) / "pyhessian").is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--quiet",
+                            "--no-deps", "pyhessian==0.1"], check=True, timeout=300)
+        site.addsitedir(purelib)  # only for this process; the workbench env is untouched
+        import pyhessian
+
+        print(f"PyHessian: loaded from its own env {env}")
+        return pyhessian
+    except Exception as e:  # offline, no pip, ...
+        print(f"PyHessian: SKIPPED, could not install it into a separate env ({type(e).__name__}: {e}); "
+              "timing the workbench alone")
+        return None
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def fwd_bwd(model, x, y, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def _unfuse(model) -> list:
+    # PyHessian differentiates twice through the model: fused attention has no double backward on CPU
+    mods = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for m in mods:
+        m.fused_attn = False
+    return mods
+
+
+def ph_eig(ph, model, x, y, iters: int, tol: float, seed: int):
+    mods = _unfuse(model)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    H = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False)
+    vals, _ = H.eigenvalues(maxIter=iters, tol=tol, top_n=1)
+    dt = time.perf_counter() - t0
+    del H
+    model.zero_grad(set_to_none=True)  # PyHessian leaves graph-carrying .grad behind
+    for m in mods:
+        m.fused_attn = True
+    return vals[0], dt
+
+
+def ph_trace(ph, model, x, y, probes: int, seed: int):
+    mods = _unfuse(model)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    H = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False)
+    samples = H.trace(maxIter=probes, tol=0.0)
+    dt = time.perf_counter() - t0
+    del H
+    model.zero_grad(set_to_none=True)
+    for m in mods:
+        m.fused_attn = True
+    n = len(samples)
+    mean = sum(samples) / n
+    se = statistics.stdev(samples) / math.sqrt(n) if n > 1 else math.inf
+    return mean, se, n, dt
+
+
+def bench_model(name: str, ph, args) -> dict:
+    torch.manual_seed(0)
+    model, c, s = build(name)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, c, s, s, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    nparams = sum(p.numel() for p in model.parameters())
+    row: dict = {"model": name, "params": nparams, "batch": args.batch, "fwd_bwd_s": fwd_bwd(model, x, y)}
+    print(f"\n== {name}: {nparams / 1e6:.2f}M params, batch {args.batch}, fwd+bwd {row['fwd_bwd_s']:.2f} s")
+    gen = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
+
+    def wb_eig(algorithm: str, iters: int, tol: float):
+        return fl.top_eigenvalues(model, (x, y), k=1, max_iter=iters, tol=tol, algorithm=algorithm, generator=gen())
+
+    def wb_trace(probes: int):
+        return fl.hutchinson_trace(model, (x, y), min_probes=probes, max_probes=probes, generator=gen())
+
+    # ---- equal work, interleaved
+    it, pr = args.eig_iters, args.trace_probes
+    if ph is not None:
+        (row["ph_eig"], row["ph_eig_s"]) = ph_eig(ph, model, x, y, it, 0.0, args.seed)
+        print(f"PyHessian  top eig ({it} it power):   {row['ph_eig']:.5g}  {row['ph_eig_s']:.1f} s")
+    r = wb_eig("lanczos", it, 0.0)
+    row.update(wb_eig=r.eigenvalues[0], wb_eig_s=r.seconds, wb_eig_resid=r.residuals[0], hvp_method=r.method)
+    print(f"workbench  top eig ({it} it Lanczos): {r.eigenvalues[0]:.5g} (Ritz residual {r.residuals[0]:.2g}) "
+          f"{r.seconds:.1f} s  [HVP: {r.method}]")
+    r = wb_eig("power", it, 0.0)
+    row.update(wb_eig_power=r.eigenvalues[0], wb_eig_power_s=r.seconds)
+    print(f"workbench  top eig ({it} it power):   {r.eigenvalues[0]:.5g}  {r.seconds:.1f} s")
+    if ph is not None:
+        m, se, n, dt = ph_trace(ph, model, x, y, pr, args.seed)
+        row.update(ph_trace=m, ph_trace_se=se, ph_trace_s=dt)
+        print(f"PyHessian  trace ({n} probes):        {m:.5g} +- {se:.3g}  {dt:.1f} s")
+    r = wb_trace(pr)
+    row.update(wb_trace=r.estimate, wb_trace_se=r.stderr, wb_trace_s=r.seconds)
+    print(f"workbench  trace ({r.probes} probes):        {r.estimate:.5g} +- {r.stderr:.3g}  {r.seconds:.1f} s")
+
+    # ---- equal accuracy: each tool's own stopping rule at tol 1e-3
+    if args.at_tol:
+        if ph is not None:
+            v, dt = ph_eig(ph, model, x, y, 100, 1e-3, args.seed)
+            row.update(ph_eig_tol=v, ph_eig_tol_s=dt)
+            print(f"PyHessian  top eig (tol 1e-3):        {v:.5g}  {dt:.1f} s")
+        r = wb_eig("lanczos", 100, 1e-3)
+        row.update(wb_eig_tol=r.eigenvalues[0], wb_eig_tol_s=r.seconds, wb_eig_tol_hvps=r.hvps,
+                   wb_eig_tol_converged=r.converged)
+        print(f"workbench  top eig (Lanczos tol 1e-3): {r.eigenvalues[0]:.5g} in {r.hvps} HVPs, "
+              f"converged={r.converged}  {r.seconds:.1f} s")
+
+    if ph is not None:
+        row["speedup_eig_equal_work"] = row["ph_eig_s"] / row["wb_eig_s"]
+        row["speedup_trace_equal_work"] = row["ph_trace_s"] / row["wb_trace_s"]
+        row["eig_rel_diff"] = abs(row["wb_eig"] - row["ph_eig"]) / abs(row["wb_eig"])
+        comb = math.hypot(row["ph_trace_se"], row["wb_trace_se"])
+        row["trace_diff_in_se"] = abs(row["wb_trace"] - row["ph_trace"]) / comb if comb else math.inf
+        if args.at_tol:
+            row["speedup_eig_at_tol"] = row["ph_eig_tol_s"] / row["wb_eig_tol_s"]
+        print(f"-> speed-up eig x{row['speedup_eig_equal_work']:.2f}, trace x{row['speedup_trace_equal_work']:.2f}"
+              + (f", eig at tol x{row['speedup_eig_at_tol']:.2f}" if args.at_tol else "")
+              + f"; eig rel diff {row['eig_rel_diff']:.2%}, trace diff {row['trace_diff_in_se']:.2f} combined SE")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None, help=f"comma-separated, from {FULL_MODELS}")
+    p.add_argument("--full", action="store_true", help="all models (adds the reference vit_tiny 32 px)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--eig-iters", type=int, default=20)
+    p.add_argument("--trace-probes", type=int, default=10)
+    p.add_argument("--at-tol", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compare each tool's own stopping rule (tol 1e-3) for the top eigenvalue")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-pyhessian", action="store_true")
+    p.add_argument("--pyhessian-env", type=Path, default=None, help="where PyHessian's own venv lives")
+    p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.models.split(",") if args.models else (FULL_MODELS if args.full else DEFAULT_MODELS)
+    ph = load_pyhessian(args.pyhessian_env, not args.no_pyhessian)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    rows = [bench_model(n, ph, args) for n in names]
+    print("\nmodel          params  fwd+bwd  eig x (equal work)  trace x (equal work)  eig x (at tol)")
+    for r in rows:
+        print(f"{r['model']:<14} {r['params'] / 1e6:5.2f}M  {r['fwd_bwd_s']:6.2f}s  "
+              f"{r.get('speedup_eig_equal_work', math.nan):17.2f}  {r.get('speedup_trace_equal_work', math.nan):19.2f}"
+              f"  {r.get('speedup_eig_at_tol', math.nan):13.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
