@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install run test lint lab clean-venv
+.PHONY: install run test e2e lint lab clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check workbench tests benchmarks
 
+# JupyterLab on localhost only, notebooks/ open, this environment's python3 kernel (the workbench's).
+LAB_PORT ?= 8888
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.root_dir=notebooks \
+		--MappingKernelManager.default_kernel_name=python3 $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# The browser tests alone (opt-in locally because they take minutes; CI runs them in `make test`).
+e2e: $(STAMP)
+	WORKBENCH_E2E=1 $(BIN)/python -m pytest tests/e2e
 
 clean-venv:
 	rm -rf $(VENV)

@@ -258,32 +258,38 @@ class Browser:
 
 
 @contextmanager
-def open_browser(executable: str, *, viewport: tuple[int, int] = (1400, 1500),
-                 timeout_ms: float = 60_000) -> Iterator[Browser]:
-    """Headless system Chromium; any request to a host other than localhost is aborted and recorded."""
+def playwright_session() -> Iterator[Any]:
+    """Playwright's driver, once per test session: its sync API allows only one per thread."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, headless=True, args=list(CHROMIUM_ARGS),
-                                     chromium_sandbox=False, timeout=timeout_ms)
-        try:
-            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]},
-                                          service_workers="block")
-            context.set_default_timeout(timeout_ms)
-            out = Browser(context)
+        yield pw
 
-            def gate(route: Any) -> None:
-                url = route.request.url
-                if url.startswith(("data:", "blob:", "about:")) or urlsplit(url).hostname in LOCAL_HOSTS:
-                    route.continue_()
-                else:
-                    out.blocked.append(url)
-                    route.abort()
 
-            context.route("**/*", gate)
-            yield out
-        finally:
-            browser.close()
+@contextmanager
+def open_browser(pw: Any, executable: str, *, viewport: tuple[int, int] = (1400, 1500),
+                 timeout_ms: float = 60_000) -> Iterator[Browser]:
+    """Headless system Chromium; any request to a host other than localhost is aborted and recorded."""
+    browser = pw.chromium.launch(executable_path=executable, headless=True, args=list(CHROMIUM_ARGS),
+                                 chromium_sandbox=False, timeout=timeout_ms)
+    try:
+        context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]},
+                                      service_workers="block")
+        context.set_default_timeout(timeout_ms)
+        out = Browser(context)
+
+        def gate(route: Any) -> None:
+            url = route.request.url
+            if url.startswith(("data:", "blob:", "about:")) or urlsplit(url).hostname in LOCAL_HOSTS:
+                route.continue_()
+            else:
+                out.blocked.append(url)
+                route.abort()
+
+        context.route("**/*", gate)
+        yield out
+    finally:
+        browser.close()
 
 
 # ----------------------------------------------------------------------------------------- notebook
@@ -567,11 +573,21 @@ class NotebookPage:
         time.sleep(1.0)  # plotly redraw
         return SliderMove(label, key, figure_title, before, self.report())
 
-    def screenshot(self, path: Path, selector: str | None = None) -> Path:
-        """The whole window, or one element (e.g. a widget's output) when ``selector`` is given."""
+    def output_with_slider(self, label: str) -> Any:
+        """Locator of the cell output that holds the slider labelled ``label`` (e.g. the explorer)."""
+        label_loc = self.page.locator(".widget-slider .widget-label", has_text=label)
+        return self.page.locator(".jp-OutputArea-child", has=label_loc).first
+
+    def figure_outputs(self) -> Any:
+        """Locator of every cell output that holds a plotly figure."""
+        return self.page.locator(".jp-OutputArea-child", has=self.page.locator(".js-plotly-plot"))
+
+    def screenshot(self, path: Path, element: Any = None) -> Path:
+        """The whole window, or one element (a Playwright locator) scrolled into view."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if selector:
-            self.page.locator(selector).first.screenshot(path=str(path))
+        if element is not None:
+            element.scroll_into_view_if_needed()
+            element.screenshot(path=str(path))
         else:
             self.page.screenshot(path=str(path))
         return path

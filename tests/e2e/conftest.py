@@ -57,8 +57,15 @@ def chromium() -> str:
     return str(exe)
 
 
+@pytest.fixture(scope="session")
+def playwright(chromium: str) -> Iterator[object]:
+    with bl.playwright_session() as pw:
+        yield pw
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[tuple[bl.LabServer, bl.Browser]]:
+def lab(tmp_path_factory: pytest.TempPathFactory, playwright: object,
+        chromium: str) -> Iterator[tuple[bl.LabServer, bl.Browser]]:
     """JupyterLab over a throwaway copy of notebooks/ (the repository's notebooks are never
     written) and a browser; both are shut down at the end, also when a test failed."""
     base = tmp_path_factory.mktemp("lab")
@@ -66,7 +73,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[tup
     shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     # notebook results go to the temp folder, not to runs/notebooks in the repository
     env = {"WORKBENCH_OUT_ROOT": str(base / "out")}
-    with bl.LabServer(root, base / "home", env=env) as server, bl.open_browser(chromium) as browser:
+    with bl.LabServer(root, base / "home", env=env) as server, bl.open_browser(playwright, chromium) as browser:
         yield server, browser
 
 
