@@ -88,7 +88,7 @@ def test_act_quantizer_matches_primitive() -> None:
     aq.freeze()
     qp = quant.activation_qparams(x.min(), x.max(), 6)
     assert torch.allclose(aq.scale, qp.step) and int(aq.zero_point) == int(qp.zero_point)
-    assert torch.allclose(aq(x), quant.fake_quantize(x, qp), atol=1e-6)
+    assert torch.equal(aq(x), quant.fake_quantize(x, qp))  # bitwise: same arithmetic, fewer passes
 
 
 def test_log2_quantizer() -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import quant
 from ..errors import ConfigError, DataError, UnknownNameError, WorkbenchWarning
-from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, QuantMatMul, _QuantLayer
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, _QuantLayer
 from .observers import OBSERVERS, make_observer
 
 logger = logging.getLogger(__name__)
@@ -144,9 +144,8 @@ def _replace_attention(model: nn.Module, config: PTQConfig) -> int:
         else:
             # softmax outputs lie in [0, 1]: an asymmetric grid with zero point 0 fits them
             sm = ActQuantizer(a, False, _observer(config, config.observer), label="softmax")
-        qk = QuantMatMul(_act_quantizer(config, "q"), _act_quantizer(config, "k"))
-        av = QuantMatMul(sm, _act_quantizer(config, "v"))
-        _set_child(model, name, QuantAttention(attn, qk, av))
+        _set_child(model, name, QuantAttention(attn, _act_quantizer(config, "q"), _act_quantizer(config, "k"),
+                                               _act_quantizer(config, "v"), sm))
     return len(targets)
 
 

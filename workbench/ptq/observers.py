@@ -159,8 +159,8 @@ class MSEObserver(Observer):
         factors = self._factors()
         # all candidate quantizers at once (vector QParams), then one fused kernel + one norm each
         qp = quant.activation_qparams(lo0 * factors, hi0 * factors, bits, symmetric=symmetric)
-        zps = qp.zero_point.to(torch.int32)
-        errs = [torch.dist(torch.fake_quantize_per_tensor_affine(s, qp.step[i], zps[i], qp.qmin, qp.qmax), s)
+        errs = [torch.dist(quant.fake_quantize(s, quant.QParams(qp.step[i], qp.zero_point[i], qp.qmin, qp.qmax,
+                                                                  qp.bits, qp.symmetric)), s)
                 for i in range(len(factors))]
         best = int(torch.argmin(torch.stack(errs)))  # first minimum: ties keep the wider range
         return lo0 * factors[best], hi0 * factors[best]
@@ -174,9 +174,7 @@ class MSEObserver(Observer):
         for a in self._factors():
             qp = quant.weight_qparams(w, bits, per_channel, absmax=base * a)
             step = qp.step.reshape(-1)
-            zp = torch.zeros(step.numel(), dtype=torch.int32)
-            # per-channel fused kernel (per-tensor = one channel of the flattened tensor)
-            fq = torch.fake_quantize_per_channel_affine(flat, step, zp, 0, qmin, qmax)
+            fq = quant.fake_quantize(flat, quant.QParams(step.reshape(-1, 1), torch.zeros(()), qmin, qmax, bits, True))
             errs.append((fq - flat).square().sum(dim=1))
             cands.append(step * qmax)
         best = torch.argmin(torch.stack(errs), dim=0)  # (channels,): first minimum per channel

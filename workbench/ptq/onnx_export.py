@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError, ModelError
 from .engine import QuantizedModel
-from .modules import ActQuantizer, QuantConv, QuantLinear, QuantMatMul, _QuantLayer
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, _QuantLayer, fused_fake_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def _act_spec(aq: ActQuantizer) -> dict[str, Any]:
 
 
 def _fq(x: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, a["scale"], a["zp"], a["qmin"], a["qmax"])
+    zp = int(a["zp"])
+    return fused_fake_quantize(x, float(a["scale"]), float(a["qmin"] - zp), float(a["qmax"] - zp))
 
 
 def _quantize_symbolic(g: Any, x: Any, a: dict[str, Any]) -> tuple[Any, Any]:
@@ -128,14 +129,15 @@ class _IntegerConv(torch.autograd.Function):
 class _IntegerMatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
-        return _fq(a, spec["a"]) @ _fq(b, spec["b"])
+        return (_fq(a, spec["a"]) @ _fq(b, spec["b"])) * spec["extra"]
 
     @staticmethod
     def symbolic(g: Any, a: Any, b: Any, spec: dict[str, Any]) -> Any:
         aq, azp = _quantize_symbolic(g, a, spec["a"])
         bq, bzp = _quantize_symbolic(g, b, spec["b"])
         acc = g.op("MatMulInteger", aq, bq, azp, bzp)
-        return _scale_symbolic(g, acc, spec["a"]["scale"] * spec["b"]["scale"], None)
+        # the attention scale head_dim**-0.5 folds into the output scale
+        return _scale_symbolic(g, acc, spec["a"]["scale"] * spec["b"]["scale"] * spec["extra"], None)
 
 
 def integer_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +150,10 @@ def integer_conv(layer: QuantConv, x: torch.Tensor) -> torch.Tensor:
     return _IntegerConv.apply(x, layer._export_spec)
 
 
-def integer_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Export-mode forward of a QuantMatMul (emits MatMulInteger on two activation codes)."""
-    return _IntegerMatMul.apply(a, b, mm._export_spec)
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, a_quant: ActQuantizer, b_quant: ActQuantizer,
+                   extra_scale: float) -> torch.Tensor:
+    """Export-mode ``extra_scale * (Q(a) @ Q(b))`` (emits MatMulInteger on two activation codes)."""
+    return _IntegerMatMul.apply(a, b, a_quant._export_spec)
 
 
 def check_exportable(qmodel: QuantizedModel) -> None:
@@ -173,10 +176,14 @@ def check_exportable(qmodel: QuantizedModel) -> None:
 
 @contextlib.contextmanager
 def _export_mode(qmodel: QuantizedModel) -> Iterator[None]:
-    mods = [m for m in qmodel.modules() if isinstance(m, (_QuantLayer, QuantMatMul))]
+    mods = [m for m in qmodel.modules() if isinstance(m, (_QuantLayer, QuantAttention))]
     for m in mods:
-        if isinstance(m, QuantMatMul):
-            m._export_spec = {"a": _act_spec(m.a_quant), "b": _act_spec(m.b_quant)}
+        if isinstance(m, QuantAttention):
+            # one spec per matmul, hung on its first operand's quantizer
+            m.q_quant._export_spec = {"a": _act_spec(m.q_quant), "b": _act_spec(m.k_quant), "extra": float(m.scale)}
+            m.softmax_quant._export_spec = {"a": _act_spec(m.softmax_quant), "b": _act_spec(m.v_quant),
+                                            "extra": 1.0}
+            m._export_spec = None
         else:
             m._export_spec = _layer_spec(m)
             if isinstance(m, QuantConv):
@@ -188,6 +195,8 @@ def _export_mode(qmodel: QuantizedModel) -> Iterator[None]:
         for m in mods:
             m.export_mode = False
             del m._export_spec
+            if isinstance(m, QuantAttention):
+                del m.q_quant._export_spec, m.softmax_quant._export_spec
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | Path, example_input: torch.Tensor,
