@@ -328,3 +328,33 @@ def test_bad_inputs_raise_clear_errors():
         fl.weight_quant_prediction(model, (x, y), w_bits=1)
     with fl.LossHessian(model, (x, y)) as op, pytest.raises(ConfigError, match="shape"):
         op.hvp(torch.zeros(3, dtype=torch.float64))
+
+
+def test_activation_sigma_trace_matches_exact_input_hessian():
+    model = _mlp()
+    x, y = _data(model)
+    l0, l2 = model[0], model[2]
+    h = torch.tanh(l0(x)).detach()
+    qp0 = quant.activation_qparams(float(x.min()), float(x.max()), 4)
+    qp2 = quant.activation_qparams(float(h.min()), float(h.max()), 4)
+
+    def loss_of(d: torch.Tensor) -> torch.Tensor:
+        d0, d2 = d[: x.numel()].view_as(x), d[x.numel():].view_as(h)
+        return F.cross_entropy(l2(torch.tanh(l0(x + d0)) + d2), y)
+
+    H = torch.autograd.functional.hessian(loss_of, torch.zeros(x.numel() + h.numel(), dtype=torch.float64),
+                                          vectorize=True)
+    s2 = torch.cat([torch.full((x.numel(),), float(qp0.noise_std) ** 2),
+                    torch.full((h.numel(),), float(qp2.noise_std) ** 2)]).double()
+    exact = float((s2 * H.diagonal()).sum())
+    res = fl.activation_quant_prediction(model, (x, y), a_bits=4, tol=0.01, max_probes=3000, block=1000, noise_samples=2,
+                                         generator=torch.Generator().manual_seed(0))
+    assert res.layers == 2
+    assert abs(res.sigma_trace - exact) <= 3 * res.sigma_trace_stderr
+    assert res.sigma_trace == pytest.approx(exact, rel=0.03)
+    with torch.no_grad():
+        hq = torch.tanh(l0(quant.fake_quantize(x, qp0)))
+        qloss = float(F.cross_entropy(l2(quant.fake_quantize(hq, qp2)), y))
+        base = float(F.cross_entropy(model(x), y))
+    assert res.measured_rtn == pytest.approx(qloss - base, abs=1e-9)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed

@@ -833,7 +833,7 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
     symmetric quantization (``quant.fake_quantize``) applied to a functional copy of the weights, and
     the mean over ``noise_samples`` draws of uniform noise with the same per-channel variance.
 
-    Activations: the Hessian w.r.t. layer inputs is not included here (see :func:`activation_quant_prediction`).
+    Activations stay in float here; see :func:`activation_quant_prediction` for the input Hessian.
     """
     w_bits = quant.check_bits(w_bits, "w_bits")
     if isinstance(target, LossHessian):  # same data and options, but over the quantized weights only
@@ -867,6 +867,175 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
         return QuantPrediction(w_bits, tr.estimate, tr.stderr, tr.estimate / 2, tr.stderr / 2,
                                quant_loss - clean_loss, mn, mse, clean_loss, quant_loss, clean_acc, quant_acc,
                                first, tr.probes, tr.converged, H.numel, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class ActQuantPrediction(_Result):
+    """Second-order prediction of the activation-quantization loss increase vs measured.
+
+    ``sigma_trace = sum sigma_l^2 H_xx`` over every element of every quantized layer input (Linear/Conv
+    inputs, per-tensor asymmetric min/max ranges observed on the same data), by Hutchinson on the
+    Hessian w.r.t. zero perturbations added to those inputs.
+    """
+
+    a_bits: int
+    sigma_trace: float
+    sigma_trace_stderr: float
+    predicted: float
+    predicted_stderr: float
+    measured_rtn: float
+    measured_noise: float
+    measured_noise_stderr: float
+    clean_loss: float
+    quant_loss: float
+    clean_acc: float
+    quant_acc: float
+    probes: int
+    converged: bool
+    layers: int
+    seconds: float
+
+
+class _InputSites:
+    """Forward pre-hooks on Linear/Conv layers that add a perturbation to, or quantize, their input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+        self.mode: str | None = None  # None | "record" | "add" | "quant"
+        self.delta: dict[str, torch.Tensor] = {}
+        self.qparams: dict[str, quant.QParams] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.lo: dict[str, float] = {}
+        self.hi: dict[str, float] = {}
+        mods = dict(model.named_modules())
+        self.handles = [mods[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if self.mode == "record":
+                self.shapes[name] = tuple(x.shape)
+                self.lo[name] = min(self.lo.get(name, math.inf), float(x.detach().min()))
+                self.hi[name] = max(self.hi.get(name, -math.inf), float(x.detach().max()))
+            elif self.mode == "add":
+                return (x + self.delta[name],) + args[1:]
+            elif self.mode == "quant":
+                return (quant.fake_quantize(x, self.qparams[name]),) + args[1:]
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch], *, a_bits: int = 8,
+                                tol: float = 0.05, min_probes: int = 10, max_probes: int = 100,
+                                block: int = 1, noise_samples: int = 8, generator: torch.Generator | None = None,
+                                loss_fn: LossFn | None = None,
+                                device: str | torch.device | None = None) -> ActQuantPrediction:
+    """Predict the loss increase of quantizing Linear/Conv inputs at ``a_bits`` from the input Hessian.
+
+    Forward pre-hooks add a perturbation ``delta_l`` (zero at the expansion point) to each Linear/Conv
+    input; Hutchinson probes ``sigma_l z`` on ``d^2 L / d delta^2`` (forward-over-reverse) give
+    ``sum sigma_l^2 H_ii``. Ranges are per-tensor min/max over the given data, the quantizer is
+    quant's asymmetric one (the PTQ default). Weights stay in float here. Not covered: the attention
+    matmul inputs (q, k, softmax output) that PTQ may also quantize, since they are not module inputs.
+    ``block`` probes go through one ``vmap``-ed call (pays off for small models).
+
+    Raises:
+        ModelError: the model has no Linear/Conv layer.
+    """
+    a_bits = quant.check_bits(a_bits, "a_bits")
+    batches = _as_batches(data)
+    lf = loss_fn or F.cross_entropy
+    dev = torch.device(device) if device is not None else _model_device(model)
+    t0 = time.perf_counter()
+    with preserved_mode(model, train=False):
+        sites = _InputSites(model)
+        try:
+            if not sites.names:
+                raise ModelError("the model has no Linear/Conv layer: no activations are quantized")
+            state = {n: t.detach().to(dev) for n, t in model.state_dict(keep_vars=True).items()}
+            data_d = [(x.to(dev), y.to(dev)) for x, y in batches]
+            total = sum(x.shape[0] for x, _ in data_d)
+            weights = [x.shape[0] / total for x, _ in data_d]
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return functional_call(model, (state,), (x,))
+
+            def evaluate() -> tuple[float, float]:
+                loss = correct = 0.0
+                with torch.no_grad():
+                    for (x, y), w in zip(data_d, weights):
+                        out = run(x)
+                        loss += w * float(lf(out, y))
+                        correct += float((out.argmax(-1) == y).sum())
+                return loss, correct / total
+
+            shapes = []
+            for x, _ in data_d:
+                sites.mode, sites.shapes = "record", {}
+                with torch.no_grad():
+                    run(x)
+                shapes.append(dict(sites.shapes))
+            sites.mode = None
+            sites.qparams = {n: quant.activation_qparams(sites.lo[n], sites.hi[n], a_bits) for n in sites.names}
+            sig = {n: float(sites.qparams[n].noise_std) for n in sites.names}
+
+            def loss_at(delta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                sites.delta = delta
+                return lf(run(x), y)
+
+            samples: list[float] = []
+            converged = False
+            sites.mode = "add"
+            with unfused_attention(model):
+                while len(samples) < max_probes:
+                    m = min(max(1, block), max_probes - len(samples))
+                    sample = torch.zeros(m, dtype=torch.float64)
+                    for (x, y), w, shp in zip(data_d, weights, shapes):
+                        zero = {n: torch.zeros(s, device=dev) for n, s in shp.items()}
+                        z = {n: torch.stack([_rademacher(math.prod(s), generator, dev).view(s) for _ in range(m)])
+                             * sig[n] for n, s in shp.items()}
+
+                        def hvp(v: dict[str, torch.Tensor], x: torch.Tensor = x, y: torch.Tensor = y,
+                                zero: dict[str, torch.Tensor] = zero) -> dict[str, torch.Tensor]:
+                            return jvp(lambda d: grad(loss_at)(d, x, y), (zero,), (v,))[1]
+
+                        hz = torch.func.vmap(hvp)(z) if m > 1 else {n: t[None] for n, t in hvp(
+                            {n: t[0] for n, t in z.items()}).items()}
+                        sample += w * sum((z[n] * hz[n]).reshape(m, -1).sum(1).double().cpu() for n in shp)
+                    samples.extend(sample.tolist())
+                    if len(samples) >= min_probes:
+                        est, se = _mean_se(samples)
+                        if se < tol * abs(est):
+                            converged = True
+                            break
+            sites.mode = None
+            clean_loss, clean_acc = evaluate()
+            sites.mode = "quant"
+            quant_loss, quant_acc = evaluate()
+            incs = []
+            sites.mode = "add"
+            for _ in range(noise_samples):
+                loss = 0.0
+                with torch.no_grad():
+                    for (x, y), w, shp in zip(data_d, weights, shapes):
+                        sites.delta = {n: (2 * torch.rand(math.prod(s), generator=generator).view(s) - 1).to(dev)
+                                       * math.sqrt(3.0) * sig[n] for n, s in shp.items()}
+                        loss += w * float(lf(run(x), y))
+                incs.append(loss - clean_loss)
+        finally:
+            sites.mode = None
+            sites.delta = {}
+            sites.remove()
+    est, se = _mean_se(samples)
+    mn, mse = _mean_se(incs) if incs else (math.nan, math.nan)
+    return ActQuantPrediction(a_bits, est, se, est / 2, se / 2, quant_loss - clean_loss, mn, mse, clean_loss,
+                              quant_loss, clean_acc, quant_acc, len(samples), converged, len(sites.names),
+                              time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- sharpness
@@ -973,6 +1142,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: int | Sequence[int] = (4, 3),
+                    a_bits: int | Sequence[int] | None = None,
                     trace: bool = True, eig: int = 1, density: bool = False, sharpness: bool = True,
                     per_layer: bool = False, trace_tol: float = 0.05, max_probes: int = 50,
                     eig_tol: float = 1e-3, eig_max_iter: int = 50, sharpness_eps: float = 0.05,
@@ -983,7 +1153,8 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
 
     Keys: ``loss``, ``accuracy``, ``params``, ``hvp_method``, ``top_eigenvalues`` (if ``eig``),
     ``trace`` (if ``trace``), ``density`` (if ``density``), ``sharpness`` (ascent and gaussian) and
-    ``quant`` (one entry per ``w_bits``: sigma-weighted trace, predicted vs measured loss increase).
+    ``quant`` (one entry per ``w_bits``: sigma-weighted trace, predicted vs measured loss increase) and
+    ``quant_act`` (one entry per ``a_bits``, if given: the same for Linear/Conv inputs).
     """
     bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
     gen = torch.Generator().manual_seed(seed)
@@ -1013,6 +1184,12 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
     out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, max_probes=max_probes,
                                                      generator=gen, loss_fn=loss_fn, device=device).to_dict()
                     for b in bits}
+    if a_bits is not None:
+        abits = [a_bits] if isinstance(a_bits, int) else list(a_bits)
+        out["quant_act"] = {f"A{b}": activation_quant_prediction(model, H_data, a_bits=b, tol=trace_tol,
+                                                                 max_probes=max_probes, generator=gen,
+                                                                 loss_fn=loss_fn, device=device).to_dict()
+                            for b in abits}
     out["seconds"] = time.perf_counter() - t0
     return out
 
