@@ -226,7 +226,7 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x)  # (B, N, 3 * attn_dim)
         fused = None if self.export_mode else self._fused_qkv_params()
         if fused is not None:
-            qkv = fused_fake_quantize(qkv, *fused, inplace=True)  # qkv is ours: no copy
+            qkv = fused_fake_quantize(qkv, *fused, inplace=not qkv.requires_grad)  # ours: no copy needed
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each (B, heads, N, head_dim)
         if self.export_mode:
