@@ -115,6 +115,10 @@ class Artifacts:
 # ------------------------------------------------------------------------------------------- server
 
 
+class _PortTaken(RuntimeError):
+    """Someone took the free port between :func:`free_port` and the server binding it."""
+
+
 class LabServer:
     """JupyterLab serving ``root_dir`` on 127.0.0.1 with a token, isolated in ``home``.
 
@@ -184,7 +188,18 @@ class LabServer:
             "--MappingKernelManager.default_kernel_name=python3",
         ]
 
-    def start(self) -> LabServer:
+    def start(self, attempts: int = 3) -> LabServer:
+        """Start the server and wait until it answers; a port taken in the meantime means another try."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> LabServer:
         env = {**os.environ, **self._write_config(), **self.extra_env}
         env.pop("JUPYTER_TOKEN", None)
         with open(self.log_path, "wb") as logf:
@@ -194,7 +209,10 @@ class LabServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with {self._proc.returncode}:\n{self.log_tail()}")
+                tail = self.log_tail()
+                if "already in use" in tail:
+                    raise _PortTaken(tail)
+                raise RuntimeError(f"JupyterLab exited with {self._proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=5) as r:
                     if r.status == 200:
@@ -557,6 +575,8 @@ class NotebookPage:
         """Press ``key`` on slider ``label`` and wait until the figure titled like ``figure_title``
         plots other y values (or ``timeout_s`` passes); what the page showed before and after."""
         before = self.report()
+        if before.slider(label) is None:  # nothing a person could move: SliderMove.problems() says so
+            return SliderMove(label, key, figure_title, before, before)
         fig = before.figure(figure_title)
         old_y = fig["y"] if fig else None
         self.press_slider(label, key)
