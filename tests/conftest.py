@@ -16,10 +16,10 @@ def mini() -> data.DataBundle:
 
 @pytest.fixture(scope="session")
 def small(mini: data.DataBundle) -> data.DataBundle:
-    """2,000 training / 500 test images of fashion-mnist-mini: enough to beat chance fast."""
+    """1,280 training / 400 test images of fashion-mnist-mini: enough to beat chance fast."""
     g = torch.Generator().manual_seed(0)
-    tr = mini.train.subset(torch.randperm(len(mini.train), generator=g)[:2000])
-    te = mini.test.subset(torch.randperm(len(mini.test), generator=g)[:500])
+    tr = mini.train.subset(torch.randperm(len(mini.train), generator=g)[:1280])
+    te = mini.test.subset(torch.randperm(len(mini.test), generator=g)[:400])
     calib = tr.subset(torch.arange(128))
     return data.DataBundle(mini.info, tr, te, calib, tr.subset(torch.arange(0)), seed=0,
                            params={"name": "fashion-mnist-mini", "subset": "tests"})

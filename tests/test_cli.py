@@ -35,8 +35,9 @@ def test_unknown_names_list_valid_ones(capsys, tmp_path):
 
 def test_train_then_eval_json_end_to_end(tmp_path):
     out = tmp_path / "run"
-    rc, stdout, err = run_cli("train", "--model", "cnn-small", "--model-arg", "width=8", "--epochs", "1",
-                              "--train-arg", "warmup_epochs=0.1", "--lr", "0.003", "--out", str(out),
+    # digits (1,437 8x8 training images) keeps the real end-to-end run to seconds
+    rc, stdout, err = run_cli("train", "--data", "digits", "--model", "cnn-small", "--model-arg", "width=8",
+                              "--epochs", "3", "--train-arg", "warmup_epochs=0.2", "--lr", "0.01", "--out", str(out),
                               "--json", "--no-progress")
     assert rc == 0, err
     res = json.loads(stdout)
@@ -44,7 +45,7 @@ def test_train_then_eval_json_end_to_end(tmp_path):
     rc, stdout, err = run_cli("eval", res["checkpoint"], "--json")
     assert rc == 0, err
     ev = json.loads(stdout)
-    assert ev["accuracy"] == pytest.approx(res["test_accuracy"]) and ev["data"] == "fashion-mnist-mini"
+    assert ev["accuracy"] == pytest.approx(res["test_accuracy"]) and ev["data"] == "digits"
     # the same output folder is refused rather than overwritten
     rc, _, err = run_cli("train", "--model", "cnn-small", "--epochs", "1", "--out", str(out))
     assert rc == 6 and "already exists" in err

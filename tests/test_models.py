@@ -53,7 +53,11 @@ def test_timm_passthrough_and_errors():
 
 
 def test_pretrained_offline_gives_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    # offline mode fails at once instead of retrying DNS for a minute
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="internet access"):
         models.create("timm:vit_tiny_patch16_224", pretrained=True, num_classes=10, in_chans=3, img_size=224)
 

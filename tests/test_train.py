@@ -9,10 +9,10 @@ from workbench.errors import CheckpointError, ConfigError, RunDirError, Training
 from workbench.methods import TrainMethod
 from workbench.runinfo import prepare_run_dir, set_seed
 
-FAST = dict(epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.2, eval_batch_size=500, device="cpu")
+FAST = dict(epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.2, augment=False, eval_batch_size=500, device="cpu")
 
 
-def _model(seed=0, width=8):
+def _model(seed=0, width=16):
     set_seed(seed)
     return models.create("cnn-small", num_classes=10, in_chans=1, img_size=28, width=width)
 
@@ -48,13 +48,13 @@ def test_checkpoint_round_trip_and_mismatch_refusal(small, tmp_path):
     m2, ckpt = checkpoint.load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     assert ckpt["metrics"] == {"x": 1} and ckpt["data_info"]["name"] == "fashion-mnist-mini"
-    other = models.create("cnn-small", num_classes=5, in_chans=1, img_size=28, width=8)
+    other = models.create("cnn-small", num_classes=5, in_chans=1, img_size=28, width=16)
     with pytest.raises(CheckpointError, match="10 classes but the model has 5"):
         checkpoint.check_compatible(ckpt, other)
     vit = models.create("vit-micro")
     with pytest.raises(CheckpointError, match="is for model 'cnn-small'"):
         checkpoint.check_compatible(ckpt, vit)
-    wider = models.create("cnn-small", num_classes=10, in_chans=1, img_size=28, width=16)
+    wider = models.create("cnn-small", num_classes=10, in_chans=1, img_size=28, width=24)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         checkpoint.check_compatible(ckpt, wider)
 
@@ -109,7 +109,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(small, tmp_path):
     ref = train.fit(_model(2), small, cfg, progress=False)
     out = prepare_run_dir(tmp_path / "r")
     with pytest.raises(KeyboardInterrupt):
-        train.fit(_model(2), small, cfg, _Interrupt(at=40), out_dir=out, progress=False)   # epoch 2, batch 9
+        train.fit(_model(2), small, cfg, _Interrupt(at=49), out_dir=out, progress=False)   # epoch 2, batch 9
     last = checkpoint.load_checkpoint(out / "last.pt")
     assert last["progress"] == {"epoch": 1, "step_in_epoch": 8, "interrupted": True}
     res = train.fit(_model(99), small, cfg, out_dir=prepare_run_dir(out, resume=True), resume=True, progress=False)
