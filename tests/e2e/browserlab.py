@@ -373,6 +373,8 @@ _REPORT_JS = r"""
       drawn: gd.querySelectorAll('.main-svg .trace, .main-svg .point').length,
       visible: visible(gd) && !!gd.querySelector('.main-svg'),
       widget: !!gd.closest('.jupyter-widgets'),
+      names: data.map((t) => t.name || null),
+      legend: [...gd.querySelectorAll('.legendtext')].map((e) => e.textContent),
       y: data.map((t) => Array.from(t.y || [], Number)),
       bartext: [...gd.querySelectorAll('.bartext')].map((e) => e.textContent),
     };

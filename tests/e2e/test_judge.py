@@ -67,7 +67,8 @@ def test_judge_fails_on_a_broken_front_end(tmp_path: Path, playwright: object, c
 def test_judge_without_a_browser() -> None:
     """The judgement is plain data in, problems out: error outputs, stuck widgets, empty figures."""
     fig = {"title": "Accuracy after PTQ at W8A8", "traces": 2, "points": 4, "drawn": 6, "visible": True,
-           "widget": True, "y": [[90.0, 91.0], [88.0, 89.0]], "bartext": []}
+           "widget": True, "names": ["full precision", "W8A8"], "legend": [], "y": [[90.0, 91.0], [88.0, 89.0]],
+           "bartext": []}
     cell = {"index": 1, "prompt": "[1]:", "execution_count": 1, "source": "",
             "outputs": [{"type": "display_data", "ename": None, "evalue": None,
                          "mimes": ["application/vnd.jupyter.widget-view+json"]}]}
