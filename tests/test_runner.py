@@ -201,3 +201,26 @@ def test_real_notebook_with_other_parameters(notebook: str, params: dict, tmp_pa
     assert run["params"]["data"] == "digits" and run["params"]["model"] == "cnn-small"
     assert json.loads((tmp_path / "res" / "summary.json").read_text())
     assert Path(row["html"]).is_file()
+
+
+def test_clean_notebook_keeps_only_checked_outputs(tmp_path: Path) -> None:
+    from nbformat.v4 import new_output
+
+    path = _write_nb(tmp_path / "n.ipynb", "x = 1", "# NBVAL_CHECK_OUTPUT\nprint(x)", "x")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[2].outputs = [new_output("stream", name="stdout", text="old\n")]
+    nb.cells[2].execution_count = 3
+    nb.cells[3].outputs = [new_output("execute_result", data={"text/plain": "1", "text/html": "<b>1</b>"},
+                                      execution_count=4)]
+    nb.metadata["papermill"] = {"parameters": {}}
+    nbformat.write(nb, path)
+    executed = tmp_path / "executed.ipynb"
+    nb.cells[2].outputs = [new_output("stream", name="stdout", text="1\n")]
+    nbformat.write(nb, executed)
+    assert runner.clean_notebook(path, executed) == 1
+    clean = nbformat.read(path, as_version=4)
+    assert clean.cells[2].outputs[0]["text"] == "1\n" and clean.cells[2].execution_count is None
+    assert clean.cells[3].outputs == [] and "papermill" not in clean.metadata
+    bare = _write_nb(tmp_path / "bare.ipynb", "x = 1", "# NBVAL_CHECK_OUTPUT\nprint(x)")
+    with pytest.raises(ConfigError, match="no usable output"):
+        runner.clean_notebook(bare)
