@@ -27,6 +27,7 @@ from workbench.ptq import (
     sweep,
     wqe_vs_aqe,
 )
+from workbench.ptq.modules import fused_fake_quantize
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,8 +72,9 @@ def test_qdq_error_idempotent_and_clamped(bits: int, symmetric: bool) -> None:
     x = torch.linspace(-3.0, 5.0, 10001)
     qp = quant.activation_qparams(-1.0, 2.0, bits, symmetric=symmetric)
     lo, hi = qp.lower(), qp.upper()
-    for fq in (quant.fake_quantize(x, qp),  # the reference primitive
-               torch.fake_quantize_per_tensor_affine(x, qp.step, qp.zero_point.int(), qp.qmin, qp.qmax)):
+    zp = float(qp.zero_point)
+    for fq in (quant.fake_quantize(x, qp),  # the reference primitive, and the run-time path
+               fused_fake_quantize(x, qp.step, qp.qmin - zp, qp.qmax - zp)):
         inside = (x >= lo) & (x <= hi)
         fp32_slack = 4 * torch.finfo(torch.float32).eps * x.abs().max()  # matters at 16 bits only
         assert ((fq - x)[inside].abs() <= qp.step / 2 + fp32_slack).all()
@@ -388,3 +390,14 @@ def test_onnx_export_refuses_what_has_no_integer_form(tmp_path) -> None:
         qm = quantize_model(tiny_vit(), cfg, [x])
         with pytest.raises(ConfigError):
             export_onnx(qm, tmp_path / "m.onnx", x)
+
+
+def test_fused_qkv_path_equals_separate_quantizers(monkeypatch) -> None:
+    model = tiny_vit()
+    x = images(16)
+    qm = quantize_model(model, PTQConfig(w_bits=4, a_bits=4), [x])
+    with torch.no_grad():
+        fused = qm(x)
+        monkeypatch.setattr(QuantAttention, "_fused_qkv_params", lambda self: None)
+        separate = qm(x)
+    assert torch.equal(fused, separate)

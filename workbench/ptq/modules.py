@@ -1,11 +1,11 @@
 """Fake-quantization wrappers that replace layers inside the quantized copy.
 
 * :class:`ActQuantizer`: one per-tensor activation quantizer. Mode ``"observe"`` feeds an
-  observer and passes values through (calibration); mode ``"quant"`` fake-quantizes in one
-  fused kernel (``torch.fake_quantize_per_tensor_affine``) so run time stays close to FP.
+  observer and passes values through (calibration); mode ``"quant"`` fake-quantizes with
+  :func:`fused_fake_quantize` (one allocation, three in-place passes) so run time stays close to FP.
 * :class:`QuantLinear` / :class:`QuantConv`: quantize the layer's *input* at run time; the
   weight is quantized once at conversion (weights are constant after calibration) and stored
-  as a buffer, so the forward pass is one fake-quant kernel plus the original matmul/conv.
+  as a buffer, so the forward pass is one input fake-quant plus the original matmul/conv.
 * :class:`QuantAttention`: a timm ``Attention`` block whose two matmuls get quantized inputs
   (q, k, v and the softmax output). Softmax itself, like LayerNorm and GELU, is computed in
   floating point.
