@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -441,6 +442,11 @@ class PageReport:
     def figure(self, title_contains: str) -> dict[str, Any] | None:
         return next((f for f in self.rendered_figures() if title_contains in f["title"]), None)
 
+    def notices(self) -> list[str]:
+        """Oddities a person would notice that do not make the page wrong (reported as warnings)."""
+        return [f"figure {f['title']!r} shows a legend entry {t!r}: a trace name did not reach the browser"
+                for f in self.rendered_figures() for t in f.get("legend", []) if re.fullmatch(r"trace \d+", t)]
+
     def problems(self, *, min_figures: int = 1, sliders: Sequence[str] = (), figure_titles: Sequence[str] = (),
                  widget_figures: bool = False) -> list[str]:
         """Everything wrong with the page; an empty list means it shows what a person should see.
@@ -517,6 +523,7 @@ class NotebookPage:
         self.server = server
         self.path = path
         self.page = browser.new_page()
+        self.ran_ok: bool | None = None  # what run_all() said: None before it ran
 
     def open(self, timeout_s: float = 240.0) -> NotebookPage:
         """Load Lab with the notebook and wait until its kernel is idle."""
@@ -533,15 +540,22 @@ class NotebookPage:
         return self
 
     def run_all(self, timeout_s: float = 900.0) -> bool:
-        """Run every cell (the menu's *Run All Cells*) and wait until it finished; True if all succeeded."""
+        """Run every cell (the menu's *Run All Cells*) and wait until it finished; True if all succeeded.
+
+        Stored outputs and execution counts are cleared first, so what the page shows afterwards
+        comes from this run only (a cell skipped after an error shows no execution count).
+        """
         self.page.evaluate("""() => { window.__e2eRun = null;
-            window.jupyterapp.commands.execute('notebook:run-all-cells')
+            const cmd = window.jupyterapp.commands;
+            cmd.execute('notebook:clear-all-cell-outputs')
+              .then(() => cmd.execute('notebook:run-all-cells'))
               .then((ok) => { window.__e2eRun = {ok: ok !== false}; })
               .catch((e) => { window.__e2eRun = {ok: false, error: String(e)}; }); }""")
         handle = self.page.wait_for_function("() => window.__e2eRun", timeout=timeout_s * 1000, polling=1000)
         result = handle.json_value()
         self.wait_idle(timeout_s)
-        return bool(result.get("ok"))
+        self.ran_ok = bool(result.get("ok"))
+        return self.ran_ok
 
     def wait_idle(self, timeout_s: float = 300.0) -> None:
         self.page.wait_for_function(
@@ -604,10 +618,13 @@ class NotebookPage:
         """Locator of every cell output that holds a plotly figure."""
         return self.page.locator(".jp-OutputArea-child", has=self.page.locator(".js-plotly-plot"))
 
-    def screenshot(self, path: Path, element: Any = None) -> Path:
-        """The whole window, or one element (a Playwright locator) scrolled into view."""
+    def screenshot(self, path: Path, element: Any = None) -> Path | None:
+        """The whole window, or one element (a Playwright locator) scrolled into view; ``None``
+        when the element is not on the page (the checks say why, a picture of nothing would not)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if element is not None:
+            if element.count() == 0:
+                return None
             element.scroll_into_view_if_needed()
             element.screenshot(path=str(path))
         else:

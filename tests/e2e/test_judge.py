@@ -85,6 +85,10 @@ def test_judge_without_a_browser() -> None:
                    "0 rendered plotly figure", "slider 'weight bits'", "is empty or not drawn"):
         assert needle in text, (needle, text)
 
+    assert good.notices() == []
+    unnamed = bl.PageReport("x.ipynb", "idle", [cell], [{**fig, "legend": ["trace 0", "W8A8"]}], [], [], [])
+    assert "trace 0" in unnamed.notices()[0]
+
     moved = bl.SliderMove("weight bits", "Home", "Accuracy", good, good)
     assert any("did not move" in p for p in moved.problems())
     assert any("still plots" in p for p in moved.problems())

@@ -10,6 +10,8 @@ Screenshots go to the test's tmp dir and to ``runs/e2e/<test>/`` for a person to
 
 from __future__ import annotations
 
+import warnings
+
 import browserlab as bl
 import pytest
 from browserlab import Artifacts
@@ -20,6 +22,15 @@ EXPLORER = "05_explorer.ipynb"
 QUICKSTART = "00_quickstart.ipynb"
 BIT_SLIDERS = ("weight bits", "activation bits")
 ACCURACY_TITLE = "Accuracy"  # QuantExplorer's accuracy figure: "Accuracy after PTQ at W8A8 ..."
+
+
+def _run_problems(nb: bl.NotebookPage) -> list[str]:
+    return [] if nb.ran_ok else ["Run All Cells did not complete (a cell failed or was interrupted)"]
+
+
+def _warn_notices(report: bl.PageReport) -> None:
+    for notice in report.notices():
+        warnings.warn(notice, stacklevel=2)
 
 
 def _explain(problems: list[str], server: bl.LabServer, browser: bl.Browser) -> str:
@@ -45,7 +56,8 @@ def test_explorer_renders_and_sliders_drive_accuracy(lab: tuple[bl.LabServer, bl
     artifacts.save_report("before", before)
     nb.screenshot(artifacts.path("explorer_before.png"))
     nb.screenshot(artifacts.path("explorer_widget_before.png"), nb.output_with_slider("weight bits"))
-    assert not before.problems(**checks), _explain(before.problems(**checks), server, browser)
+    problems = _run_problems(nb) + before.problems(**checks)
+    assert not problems, _explain(problems, server, browser)
 
     # Home = the slider's minimum, the harshest setting, unless it already sits there.
     slider = before.slider("weight bits")
@@ -55,6 +67,7 @@ def test_explorer_renders_and_sliders_drive_accuracy(lab: tuple[bl.LabServer, bl
     nb.screenshot(artifacts.path("explorer_after.png"))
     nb.screenshot(artifacts.path("explorer_widget_after.png"), nb.output_with_slider("weight bits"))
     assert not move.problems(), _explain(move.problems(), server, browser)
+    _warn_notices(move.after)
     assert not browser.blocked, f"requests beyond localhost: {browser.blocked}"
 
 
@@ -67,7 +80,8 @@ def test_quickstart_draws_every_figure(lab: tuple[bl.LabServer, bl.Browser], art
     figures = nb.figure_outputs()
     for i in range(figures.count()):
         nb.screenshot(artifacts.path(f"quickstart_figure_{i}.png"), figures.nth(i))
-    problems = report.problems(min_figures=max(1, report.plotly_outputs))
+    problems = _run_problems(nb) + report.problems(min_figures=max(1, report.plotly_outputs))
     assert not problems, _explain(problems, server, browser)
     assert report.plotly_outputs >= 1, "00_quickstart output no plotly figure at all"
+    _warn_notices(report)
     assert not browser.blocked, f"requests beyond localhost: {browser.blocked}"
