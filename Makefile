@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/workbench train --out $(OUT)
+	$(BIN)/workbench run --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
