@@ -48,6 +48,7 @@ def test_stored_clean(path: Path) -> None:
         if CHECK in cell.source:
             checked += 1
             assert cell.outputs, f"{path.name} code cell {i}: checked cell without stored output (refresh it)"
+            assert isinstance(cell.execution_count, int), f"{path.name} cell {i}: nbval skips cells never run"
             for out in cell.outputs:
                 assert out.output_type in ("stream", "execute_result"), f"{path.name} cell {i}: {out.output_type}"
                 if out.output_type == "stream":

@@ -219,7 +219,7 @@ def test_clean_notebook_keeps_only_checked_outputs(tmp_path: Path) -> None:
     nbformat.write(nb, executed)
     assert runner.clean_notebook(path, executed) == 1
     clean = nbformat.read(path, as_version=4)
-    assert clean.cells[2].outputs[0]["text"] == "1\n" and clean.cells[2].execution_count is None
+    assert clean.cells[2].outputs[0]["text"] == "1\n" and clean.cells[2].execution_count == 2
     assert clean.cells[3].outputs == [] and "papermill" not in clean.metadata
     bare = _write_nb(tmp_path / "bare.ipynb", "x = 1", "# NBVAL_CHECK_OUTPUT\nprint(x)")
     with pytest.raises(ConfigError, match="no usable output"):

@@ -686,10 +686,11 @@ def clean_notebook(path: str | Path, executed: str | Path | None = None) -> int:
     if executed is not None:
         ex = nbformat.read(Path(executed), as_version=4)
         fresh = {c.source: c.outputs for c in ex.cells if c.cell_type == "code" and CHECK_MARKER in c.source}
-    kept = 0
+    kept = n = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        n += 1
         cell.execution_count = None
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
@@ -697,9 +698,10 @@ def clean_notebook(path: str | Path, executed: str | Path | None = None) -> int:
             outputs = fresh.get(cell.source, cell.outputs)
             if not outputs or any(o.output_type == "error" for o in outputs):
                 raise ConfigError(f"{path.name}: checked cell has no usable output:\n{cell.source[:200]}")
+            cell.execution_count = n  # nbval fails a cell with outputs but no count as 'unrun'
             for o in outputs:
                 if o.output_type == "execute_result":  # nbval compares the text only
-                    o.execution_count = None
+                    o.execution_count = n
                     o.data = {k: v for k, v in o.data.items() if k == "text/plain"}
                     o.metadata = {}
             cell.outputs = outputs
