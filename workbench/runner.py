@@ -85,7 +85,13 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
     """
     import papermill
 
-    found = papermill.inspect_notebook(str(path))
+    pm_log = logging.getLogger("papermill")
+    level = pm_log.level
+    pm_log.setLevel(max(level, logging.WARNING))  # inspection logs every notebook it opens at INFO
+    try:
+        found = papermill.inspect_notebook(str(path))
+    finally:
+        pm_log.setLevel(level)
     if not found:
         raise ConfigError(f"{Path(path).name} has no cell tagged 'parameters'")
     return {k: v.get("default") for k, v in found.items()}
