@@ -164,6 +164,9 @@ class LossHessian:
         device: where to compute (default: the model's device). Parameters are copied there, the
             model itself is not moved.
         method: ``auto`` | ``fwd`` | ``dbl``.
+        compile: ``torch.compile`` the forward-over-reverse product (implies ``fwd``). Measured on the
+            default ViT on CPU: 2-3x faster per product (inductor fuses the elementwise ops that dominate),
+            after a one-time compile of ~50 CPU-seconds; worth it from ~20 products on.
     Raises:
         ModelError: no parameter requires grad / nothing matches ``params``.
         ConfigError: empty data, batch of size 0, unknown method.
@@ -171,7 +174,7 @@ class LossHessian:
 
     def __init__(self, model: nn.Module, data: Batch | Iterable[Batch], *, loss_fn: LossFn | None = None,
                  params: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                 method: str = "auto") -> None:
+                 method: str = "auto", compile: bool = False) -> None:  # noqa: A002
         if method not in HVP_METHODS:
             raise ConfigError(f"method must be one of {HVP_METHODS}, got {method!r}")
         self.model = model
@@ -179,7 +182,8 @@ class LossHessian:
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.names = select_params(model, params)
         self.device = torch.device(device) if device is not None else _model_device(model)
-        self.method = method
+        self.compile = bool(compile)
+        self.method = "fwd" if compile else method
         named = dict(model.named_parameters())
         self.shapes = [tuple(named[n].shape) for n in self.names]
         self.sizes = [named[n].numel() for n in self.names]
@@ -199,6 +203,7 @@ class LossHessian:
         self._graph: tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self._chosen: str | None = None if self.method == "auto" else self.method
         self._timing: dict[str, float] = {}
+        self._compiled: Callable | None = None
 
     # -- context management
     def __enter__(self) -> LossHessian:
@@ -289,10 +294,19 @@ class LossHessian:
         return g
 
     # -- Hessian-vector products
+    def _fwd_product(self, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return jvp(lambda p: grad(self._loss_of)(p, x, y), (params,), (v,))[1]
+
     def _hvp_fwd(self, v: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor] | None = None
+        fn = self._fwd_product
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._fwd_product)
+            fn = self._compiled
         for (x, y), w in zip(self._data, self._weights):
-            hv = jvp(lambda p, x=x, y=y: grad(self._loss_of)(p, x, y), (self._params,), (v,))[1]
+            hv = fn(self._params, v, x, y)
             part = [w * hv[n] for n in self.names]
             out = part if out is None else [a + b for a, b in zip(out, part)]
         return out  # type: ignore[return-value]
@@ -308,9 +322,10 @@ class LossHessian:
         vs = [v[n] for n in self.names]
         if len(self._data) == 1:  # one batch: build the gradient graph once, reuse it (freed on exit)
             if self._graph is None:
-                t0 = time.perf_counter()
+                clock = time.process_time if self.device.type == "cpu" else time.perf_counter
+                t0 = clock()
                 self._graph = self._build_graph(*self._data[0])
-                self._timing["dbl_build"] = time.perf_counter() - t0
+                self._timing["dbl_build"] = clock() - t0
             leaves, g = self._graph
             hv = torch.autograd.grad(g, [leaves[n] for n in self.names], grad_outputs=vs, retain_graph=True)
             return list(hv)
@@ -333,6 +348,7 @@ class LossHessian:
             raise ConfigError(f"vector has shape {tuple(v.shape)}, expected ({self.numel},)")
         vd = self.unflatten(v.to(self.device, self.dtype))
         t0 = time.perf_counter()
+        c0 = time.process_time()  # CPU time of this process: less disturbed by other jobs than wall time
         if self._chosen is None:  # auto: try fwd first, then dbl, keep the faster
             method = "fwd" if "fwd" not in self._timing else "dbl"
             try:
@@ -343,7 +359,8 @@ class LossHessian:
                 self._chosen = other
                 hv = self._hvp_with(other, vd)
             else:
-                dt = time.perf_counter() - t0 - self._timing.get("dbl_build", 0.0)
+                clock = time.process_time() - c0 if self.device.type == "cpu" else time.perf_counter() - t0
+                dt = clock - self._timing.get("dbl_build", 0.0)
                 self._timing[method] = dt
                 if method == "dbl":
                     self._chosen = "fwd" if self._timing["fwd"] <= self._timing["dbl"] else "dbl"
@@ -1144,10 +1161,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: int | Sequence[int] = (4, 3),
                     a_bits: int | Sequence[int] | None = None,
                     trace: bool = True, eig: int = 1, density: bool = False, sharpness: bool = True,
-                    per_layer: bool = False, trace_tol: float = 0.05, max_probes: int = 50,
+                    per_layer: bool = False, trace_tol: float = 0.05, max_probes: int = 30,
                     eig_tol: float = 1e-3, eig_max_iter: int = 50, sharpness_eps: float = 0.05,
                     noise_sigma: float = 0.01, loss_fn: LossFn | None = None,
-                    device: str | torch.device | None = None, seed: int = 0,
+                    device: str | torch.device | None = None, seed: int = 0, compile: bool = False,  # noqa: A002
                     progress: bool = False) -> dict[str, Any]:
     """All flatness measures of one model on fixed data, as a plain JSON-able dict.
 
@@ -1155,12 +1172,14 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
     ``trace`` (if ``trace``), ``density`` (if ``density``), ``sharpness`` (ascent and gaussian) and
     ``quant`` (one entry per ``w_bits``: sigma-weighted trace, predicted vs measured loss increase) and
     ``quant_act`` (one entry per ``a_bits``, if given: the same for Linear/Conv inputs).
+    ``compile`` applies to the full-parameter Hessian (eigenvalues, trace, density); see :class:`LossHessian`.
     """
     bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
     gen = torch.Generator().manual_seed(seed)
+    probes = {"min_probes": min(10, max_probes), "max_probes": max_probes}
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    with LossHessian(model, data, loss_fn=loss_fn, device=device) as H:
+    with LossHessian(model, data, loss_fn=loss_fn, device=device, compile=compile) as H:
         loss, acc = H.loss(accuracy=True)  # type: ignore[misc]
         out.update(loss=loss, accuracy=acc, params=H.numel, batches=len(H.batches),
                    samples=sum(x.shape[0] for x, _ in H.batches))
@@ -1168,7 +1187,7 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
             out["top_eigenvalues"] = top_eigenvalues(H, k=eig, tol=eig_tol, max_iter=eig_max_iter,
                                                      generator=gen).to_dict()
         if trace:
-            out["trace"] = hutchinson_trace(H, tol=trace_tol, max_probes=max_probes, per_layer=per_layer,
+            out["trace"] = hutchinson_trace(H, tol=trace_tol, **probes, per_layer=per_layer,
                                             generator=gen, progress=progress).to_dict()
             out["trace"].pop("samples", None)
         if density:
@@ -1181,13 +1200,13 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
             }
         out["hvp_method"] = H.method_used
         H_data = H.batches
-    out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, max_probes=max_probes,
+    out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, **probes,
                                                      generator=gen, loss_fn=loss_fn, device=device).to_dict()
                     for b in bits}
     if a_bits is not None:
         abits = [a_bits] if isinstance(a_bits, int) else list(a_bits)
-        out["quant_act"] = {f"A{b}": activation_quant_prediction(model, H_data, a_bits=b, tol=trace_tol,
-                                                                 max_probes=max_probes, generator=gen,
+        out["quant_act"] = {f"A{b}": activation_quant_prediction(model, H_data, a_bits=b, tol=trace_tol, **probes,
+                                                                 generator=gen,
                                                                  loss_fn=loss_fn, device=device).to_dict()
                             for b in abits}
     out["seconds"] = time.perf_counter() - t0
