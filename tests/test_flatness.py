@@ -370,3 +370,18 @@ def test_activation_sigma_trace_matches_exact_input_hessian():
         base = float(F.cross_entropy(model(x), y))
     assert res.measured_rtn == pytest.approx(qloss - base, abs=1e-9)
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_matches_cpu_and_leaves_model_on_cpu():
+    model = _cnn()
+    x, y = _data(model)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with fl.LossHessian(model, (x, y), device="cpu") as op:
+        want = op.hvp(v)
+    for method in ("fwd", "dbl"):
+        with fl.LossHessian(model, (x, y), device="cuda", method=method) as op:
+            got = op.hvp(v)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-8, atol=1e-10)
+    assert all(p.device.type == "cpu" for p in model.parameters())
