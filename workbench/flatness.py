@@ -152,9 +152,12 @@ class LossHessian:
         ``fwd``: forward-over-reverse, ``jvp(grad(loss))`` via ``torch.func`` (no graph kept).
         ``dbl``: double backward; with a single batch the gradient graph is built once and reused.
         ``auto`` (default): the first product uses ``fwd``, the second ``dbl`` (both are exact, so no
-        work is wasted); the faster one is used from then on. Measured on CPU: ``fwd`` is ~4x faster
-        on ViTs (LayerNorm/GELU double backward is slow), ``dbl`` with graph reuse ~1.5x faster on
-        ResNets. ``vmap`` over several probes was slower than a loop on CPU, so it is not used.
+        work is wasted); the faster one (by process CPU time) is used from then on. Measured on CPU:
+        ``fwd`` ~4x faster on a 12-block patch-4 ViT (its LayerNorm/GELU double backward is slow),
+        ``dbl`` with graph reuse ~1.5-2x faster on ResNet-18 and on the conv-stem ``vit-micro``.
+        ``vmap`` over several probes was slower than a loop on CPU for such models, so the estimators
+        loop (see :meth:`hvp_many` for small models). Because the choice depends on timing, results
+        can differ between runs in the last bits; pass ``fwd`` or ``dbl`` for bitwise reproducibility.
 
     Args:
         model: any ``nn.Module``; never modified.
