@@ -367,7 +367,10 @@ class QuantExplorer(_App):
         fp = {n: self.fp_result(n) for n in names}
         with self.accuracy_figure.batch_update():
             fp_bar, q_bar = self.accuracy_figure.data
-            fp_bar.update(x=names, y=[fp[n]["accuracy"] for n in names])
+            # name and colour are re-sent with the data: set only at build time they never reached
+            # the browser's copy of the figure (seen in the JupyterLab end-to-end test)
+            fp_bar.update(x=names, y=[fp[n]["accuracy"] for n in names], name="full precision",
+                          marker_color="#BBBBBB")
             q_bar.update(x=names, y=[res[n]["accuracy"] for n in names], name=label, customdata=[label] * len(names),
                          marker_color=[plots.method_color(self.methods[n]) for n in names])
             self.accuracy_figure.layout.title = f"Accuracy after PTQ at {label} ({self.n_eval} test images)"
