@@ -56,3 +56,19 @@ def test_eval_of_a_non_checkpoint(tmp_path, capsys):
     bad.write_text("hello")
     assert cli.main(["eval", str(bad)]) == 5
     assert "not a workbench checkpoint" in capsys.readouterr().err
+
+
+def test_flatness_json(tmp_path, capsys):
+    from workbench import data, models
+    from workbench.checkpoint import save_checkpoint
+
+    m = models.create("cnn-small", num_classes=10, in_chans=1, img_size=8, width=4)
+    ckpt = save_checkpoint(tmp_path / "c.pt", m, data_info=data.load("digits").info.to_dict())
+    assert cli.main(["flatness", str(ckpt), "--trace", "--eig", "2", "--wbits", "4", "--n-samples", "64",
+                     "--max-probes", "6", "--landscape", "1d", "--steps", "5", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert len(rep["top_eigenvalues"]["eigenvalues"]) == 2 and rep["trace"]["probes"] >= 1
+    assert set(rep["quant"]) == {"W4"} and rep["quant"]["W4"]["sigma_trace"] >= 0
+    assert len(rep["landscape"]["alphas"]) == 5 and rep["samples"] == 64
+    # the landscape's centre is the model's own loss on the same images
+    assert rep["landscape"]["losses"][2] == pytest.approx(rep["loss"], rel=1e-5)

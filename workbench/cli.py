@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: this module): (module, parser-adder, runner).
 PLUGGED_COMMANDS: list[tuple[str, str, str]] = [
     (".ptq.command", "add_ptq_parser", "run_ptq_command"),
+    (".flatness_command", "add_flatness_parser", "run_flatness_command"),
     (".runner", "add_run_parser", "run_run_command"),
     (".runner", "add_sweep_parser", "run_sweep_command"),
     (".runner", "add_report_parser", "run_report_command"),

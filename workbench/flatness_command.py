@@ -1,0 +1,106 @@
+"""``workbench flatness``: argument parser and runner, for :mod:`workbench.cli` to register.
+
+Kept apart from the compute modules (:mod:`workbench.flatness`, :mod:`workbench.landscape`),
+which never import the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+
+def add_flatness_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+    """Add the ``flatness`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("flatness", help="Hessian trace/eigenvalues/density, predicted PTQ damage, landscapes")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--trace", action="store_true", help="Hutchinson trace (with standard error)")
+    p.add_argument("--eig", type=int, default=None, metavar="K", help="top-K Hessian eigenvalues")
+    p.add_argument("--density", action="store_true", help="eigenvalue density (stochastic Lanczos quadrature)")
+    p.add_argument("--landscape", choices=("1d", "2d"), default=None, help="loss landscape on a random "
+                   "filter-normalized direction (1d) or plane (2d)")
+    p.add_argument("--steps", type=int, default=None, help="landscape grid points per axis (default 21 / 11)")
+    p.add_argument("--span", type=float, default=1.0, help="landscape range: alpha in [-span, span]")
+    p.add_argument("--wbits", default="4,3", help="weight bits for the sigma-weighted trace and the predicted "
+                   "vs measured PTQ loss increase (comma list)")
+    p.add_argument("--abits", default=None, help="also predict activation-quantization damage at these bits")
+    p.add_argument("--n-samples", type=int, default=256, help="training images the loss is averaged over")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-probes", type=int, default=30)
+    p.add_argument("--tol", type=float, default=0.05, help="relative standard error at which the trace stops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    add_json(p)
+
+
+def _bits(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read bit widths from {text!r}: write e.g. 4,3") from None
+
+
+def run_flatness_command(args: Any) -> int:
+    """Load the checkpoint and its data, compute the asked-for measures, print them."""
+    import torch
+
+    from . import data
+    from .checkpoint import load_model
+    from .flatness import flatness_report
+    from .landscape import landscape_1d, landscape_2d
+    from .runinfo import _json_default, resolve_device
+
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    name = ckpt["data_info"].get("name")
+    if not name:
+        raise ConfigError("the checkpoint does not record its dataset")
+    seed = ckpt.get("train_config", {}).get("seed", 0)
+    bundle = data.load(name, data_dir=args.data_dir, seed=seed, n_calib=args.n_samples)
+    # the calibration split: a seed-fixed subset of the training images, without augmentation
+    batches = list(data.batches(bundle.calib, bundle.info, args.batch_size, device=device))
+    any_measure = args.trace or args.eig or args.density or args.landscape
+    report = flatness_report(model, batches, w_bits=_bits(args.wbits) or [4], a_bits=_bits(args.abits),
+                             trace=args.trace or not any_measure, eig=args.eig if args.eig is not None else
+                             (0 if any_measure else 1), density=args.density, max_probes=args.max_probes,
+                             trace_tol=args.tol, device=device, seed=args.seed, progress=not args.json)
+    if args.landscape:
+        gen = torch.Generator().manual_seed(args.seed)
+        span = (-args.span, args.span)
+        if args.landscape == "1d":
+            land = landscape_1d(model, batches, span=span, steps=args.steps or 21, generator=gen,
+                                device=device, progress=not args.json)
+        else:
+            land = landscape_2d(model, batches, span=span, steps=args.steps or 11, generator=gen,
+                                device=device, progress=not args.json)
+        report["landscape"] = land.to_dict()
+    report.update(checkpoint=str(args.checkpoint), data=name, model=ckpt["model_spec"]["name"],
+                  method=ckpt.get("method_config", {}).get("method", "plain"))
+    if args.json:
+        print(json.dumps(report, indent=2, default=_json_default))
+        return 0
+    print(f"{report['model']} ({report['method']}) on {report['samples']} {name} training images: "
+          f"loss {report['loss']:.4f}, accuracy {100 * report['accuracy'] if report['accuracy'] <= 1 else report['accuracy']:.2f}%")
+    if "top_eigenvalues" in report:
+        print(f"top eigenvalues: {', '.join(f'{v:.4g}' for v in report['top_eigenvalues']['eigenvalues'])}")
+    if "trace" in report:
+        t = report["trace"]
+        print(f"Hessian trace: {t['estimate']:.4g} ± {t['stderr']:.2g} ({t['probes']} probes)")
+    for key, q in report.get("quant", {}).items():
+        print(f"{key}: sigma-weighted trace {q['sigma_trace']:.4g}, predicted loss increase "
+              f"{q['predicted']:.4g} ± {q['predicted_stderr']:.2g}, measured (round-to-nearest) "
+              f"{q['measured_rtn']:.4g}, under noise of that variance {q['measured_noise']:.4g}")
+    for key, q in report.get("quant_act", {}).items():
+        measured = q.get("measured_rtn", q.get("measured", float("nan")))
+        print(f"{key}: predicted loss increase {q['predicted']:.4g}, measured {measured:.4g}")
+    if "sharpness" in report:
+        s = report["sharpness"]
+        print(f"sharpness: ascent {s['ascent']['increase']:.4g}, gaussian {s['gaussian']['increase']:.4g}")
+    if "landscape" in report:
+        print(f"landscape {args.landscape}: {len(json.dumps(report['landscape']))} bytes (use --json to get it)")
+    return 0
