@@ -279,8 +279,10 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
     from .train import TrainConfig, fit
 
     model_args = dict(model_args or {})
+    # a 1-epoch warm-up would eat half of a 2-epoch quick run: keep it to a fifth of the run
     cfg = TrainConfig.from_dict({"epochs": int(epochs), "seed": int(seed), "device": device,
-                                 "batch_size": int(batch_size), **(train_args or {})})
+                                 "batch_size": int(batch_size), "warmup_epochs": min(1.0, int(epochs) / 5),
+                                 **(train_args or {})})
     dev = resolve_device(device)
     out: dict[str, Trained] = {}
     for entry in methods:
