@@ -30,14 +30,15 @@ from workbench import data, models
 from workbench.runinfo import set_seed
 from workbench.train import TrainConfig, fit
 
-DEFAULT_CASES = ["vit-micro:fashion-mnist-mini:", "cnn-small:fashion-mnist-mini:3"]
+DEFAULT_CASES = ["vit-micro:fashion-mnist-mini:", "cnn-small:fashion-mnist-mini:"]
 FULL_CASES = ["vit-micro:fashion-mnist:"]
 
 
 def run_case(spec: str, device: str, seed: int) -> dict:
     model_name, data_name, epochs = spec.split(":")
     bundle = data.load(data_name, seed=seed)
-    cfg = TrainConfig(seed=seed, device=device, **({"epochs": int(epochs)} if epochs else {}))
+    recipe = {**models.default_recipe(model_name), **({"epochs": int(epochs)} if epochs else {})}
+    cfg = TrainConfig(seed=seed, device=device, **recipe)
     set_seed(seed)
     model = models.create(model_name, bundle.info)
     t0 = time.perf_counter()

@@ -68,3 +68,12 @@ def test_same_seed_same_init():
     torch.manual_seed(5)
     b = models.create("vit-micro")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_models_own_their_recipe():
+    from workbench.train import TrainConfig
+
+    assert models.default_recipe("vit-micro") == {}  # TrainConfig's defaults are its recipe
+    cfg = TrainConfig(**models.default_recipe("cnn-small"))
+    assert cfg.epochs == models.RECIPES["cnn-small"]["epochs"] and cfg.lr == models.RECIPES["cnn-small"]["lr"]
+    assert set(models.RECIPES) <= set(models.MODELS.names())

@@ -133,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg_kw = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
               "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
-    cfg_kw = {k: v for k, v in cfg_kw.items() if v is not None}
+    # the model's own recipe first, then whatever the user said explicitly
+    cfg_kw = {**models.default_recipe(args.model), **{k: v for k, v in cfg_kw.items() if v is not None}}
     cfg_kw.update(parse_kv(args.train_arg, "--train-arg"))
     cfg = TrainConfig.from_dict(cfg_kw)
     bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=args.val_size)

@@ -33,7 +33,7 @@ class TrainConfig:
     """Optimisation recipe. Defaults are the measured recipe for ``vit-micro`` on
     ``fashion-mnist-mini`` (see benchmarks/bench_train.py); they also suit ``cnn-small``."""
 
-    epochs: int = 10
+    epochs: int = 14                  # vit-micro: 84 % on fashion-mnist-mini in ~3 min on 2 CPU cores
     batch_size: int = 128
     optimizer: str = "adamw"          # adamw | sgd
     lr: float = 2e-3                  # peak learning rate after warm-up
