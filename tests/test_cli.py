@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -68,7 +69,8 @@ def test_flatness_json(tmp_path, capsys):
                      "--max-probes", "6", "--landscape", "1d", "--steps", "5", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert len(rep["top_eigenvalues"]["eigenvalues"]) == 2 and rep["trace"]["probes"] >= 1
-    assert set(rep["quant"]) == {"W4"} and rep["quant"]["W4"]["sigma_trace"] >= 0
+    # an untrained model sits far from a minimum: its Hessian is indefinite, the sigma-trace any sign
+    assert set(rep["quant"]) == {"W4"} and math.isfinite(rep["quant"]["W4"]["sigma_trace"])
     assert len(rep["landscape"]["alphas"]) == 5 and rep["samples"] == 64
     # the landscape's centre is the model's own loss on the same images
     assert rep["landscape"]["losses"][2] == pytest.approx(rep["loss"], rel=1e-5)
