@@ -95,7 +95,8 @@ def _entries(models: Any) -> list[tuple[str, nn.Module, str]]:
     out = []
     for entry in models:
         if len(entry) == 2:
-            out.append((str(entry[0]), entry[1], "plain"))
+            # no method given: label by name (calling everything "plain" would mislabel a dnq model)
+            out.append((str(entry[0]), entry[1], str(entry[0])))
         elif len(entry) == 3:
             out.append((str(entry[0]), entry[1], str(entry[2])))
         else:
