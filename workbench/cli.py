@@ -245,8 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module, adder, _runner in PLUGGED_COMMANDS:
         mod = importlib.import_module(module, __package__)
         getattr(mod, adder)(sub, add_json)
-    for extra in _EXTRA_PARSERS:
-        extra(sub, add_json)
     return p
 
 
@@ -259,7 +257,6 @@ PLUGGED_COMMANDS: list[tuple[str, str, str]] = [
     (".runner", "add_sweep_parser", "run_sweep_command"),
     (".runner", "add_report_parser", "run_report_command"),
 ]
-_EXTRA_PARSERS: list[Callable[[Any, Callable], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
