@@ -350,12 +350,12 @@ class QuantExplorer(_App):
         return fig
 
     def _layer_layout(self) -> go.Figure:
-        fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18,
+        fig = make_subplots(rows=2, cols=1, vertical_spacing=0.32,  # room for the rotated layer names
                             subplot_titles=("WQE: weight quantization error", "AQE: activation quantization error"))
         for i in (1, 2):
             fig.update_yaxes(title_text="relative error ‖Q(t)−t‖/‖t‖ (%)", row=i, col=1)
             fig.update_xaxes(title_text="layer", row=i, col=1)
-        return plots._styled(fig, "Per-layer quantization error", barmode="group", height=620)
+        return plots._styled(fig, "Per-layer quantization error", barmode="group", height=760)
 
     def refresh(self, _change: Any = None) -> None:
         """Recompute (or fetch from the cache) the selected models at the current setting and redraw."""
