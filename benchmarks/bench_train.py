@@ -7,7 +7,7 @@ figures behind the README's claims:
 * ``vit-micro`` (the default ViT) on ``fashion-mnist-mini`` with no flags other than
   ``--out``: >= 82 % test accuracy within 4 minutes on 2 CPU cores;
 * ``cnn-small``: >= 85 % in under a minute;
-* ``vit-micro`` on the full ``fashion-mnist``: >= 90 %.
+* ``vit-micro`` on the full ``fashion-mnist`` with ``--epochs 20``: 90.66 % (14 epochs: 89.65 %).
 
 Usage::
 
@@ -31,7 +31,7 @@ from workbench.runinfo import set_seed
 from workbench.train import TrainConfig, fit
 
 DEFAULT_CASES = ["vit-micro:fashion-mnist-mini:", "cnn-small:fashion-mnist-mini:"]
-FULL_CASES = ["vit-micro:fashion-mnist:"]
+FULL_CASES = ["vit-micro:fashion-mnist:20"]
 
 
 def run_case(spec: str, device: str, seed: int) -> dict:
