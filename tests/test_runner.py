@@ -142,13 +142,25 @@ def test_sweep_file_errors(tmp_path: Path, nbdir: Path) -> None:
         runner.run_sweep(bad, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
     assert runner.grid_points({"a": [1, 2], "b": ["u"]}) == [{"a": 1, "b": "u"}, {"a": 2, "b": "u"}]
+    bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{x: [1]}}\ninclude: [3]\n")
+    with pytest.raises(ConfigError, match="'include' must be a list"):
+        runner.load_grid(bad)
+
+
+def test_grid_include_points_cross_the_keys_they_leave_open() -> None:
+    grid = {"method": ["plain", "dnq"], "seed": [0, 1]}
+    pts = runner.grid_points(grid, [{"method": "dnq", "w_bits": 3}, {"method": "sam", "seed": 5}])
+    assert pts[:4] == [{"method": m, "seed": s} for m in ("plain", "dnq") for s in (0, 1)]
+    assert pts[4:] == [{"method": "dnq", "seed": 0, "w_bits": 3}, {"method": "dnq", "seed": 1, "w_bits": 3},
+                       {"method": "sam", "seed": 5}]
 
 
 def test_example_grid_is_valid() -> None:
     for path in sorted((ROOT / "notebooks" / "sweeps").glob("*.yaml")):
         spec = runner.load_grid(path)
         declared = runner.notebook_parameters(runner.resolve_notebook(spec["notebook"]))
-        assert set(spec["grid"]) | set(spec["parameters"]) <= set(declared), path.name
+        keys = set(spec["grid"]) | set(spec["parameters"]) | {k for p in spec["include"] for k in p}
+        assert keys <= set(declared), path.name
 
 
 def test_parse_params() -> None:

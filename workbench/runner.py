@@ -271,8 +271,9 @@ def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[st
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
-    """Read a sweep file: ``notebook`` (name or path), ``parameters`` (base values) and ``grid``
-    (name -> list of values; the cartesian product is run).
+    """Read a sweep file: ``notebook`` (name or path), ``parameters`` (base values), ``grid``
+    (name -> list of values; the cartesian product is run) and ``include`` (extra points, each a
+    mapping, crossed with the grid keys it does not set; e.g. one more method over every seed).
 
     Raises:
         ConfigError: missing/invalid keys, or a grid entry that is not a non-empty list.
@@ -286,25 +287,39 @@ def load_grid(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read sweep file {path}: {e}") from e
     if not isinstance(spec, dict) or "notebook" not in spec:
         raise ConfigError(f"{path}: a sweep file needs 'notebook', optional 'parameters' and 'grid'")
-    unknown = sorted(set(spec) - {"notebook", "parameters", "grid", "description"})
+    unknown = sorted(set(spec) - {"notebook", "parameters", "grid", "include", "description"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; use notebook, parameters, grid, description")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; use notebook, parameters, grid, include, description")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: 'grid' must map parameter names to non-empty lists")
     base = spec.get("parameters") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: 'parameters' must be a mapping")
+    include = spec.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(p, dict) and p for p in include):
+        raise ConfigError(f"{path}: 'include' must be a list of non-empty mappings (extra grid points)")
     nb = str(spec["notebook"])
     if not Path(nb).is_absolute() and (path.parent / nb).is_file():
         nb = str(path.parent / nb)  # relative to the sweep file first
-    return {"notebook": nb, "parameters": base, "grid": grid, "description": spec.get("description", "")}
+    return {"notebook": nb, "parameters": base, "grid": grid, "include": include,
+            "description": spec.get("description", "")}
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """The cartesian product of a grid, in a stable order (first key varies slowest)."""
+def grid_points(grid: Mapping[str, Sequence[Any]],
+                include: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The cartesian product of a grid, in a stable order (first key varies slowest), then each
+    ``include`` point crossed with the grid keys it does not set (its own values win)."""
     keys = list(grid)
-    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+    for extra in include:
+        rest = [k for k in keys if k not in extra]
+        for vals in itertools.product(*(grid[k] for k in rest)):
+            point = {k: v for k, v in zip(rest, vals)}
+            point.update(extra)
+            # keep the grid's key order, then the include's own keys
+            points.append({**{k: point[k] for k in keys if k in point}, **point})
+    return points
 
 
 def _job(args: dict[str, Any]) -> dict[str, Any]:
@@ -343,8 +358,9 @@ def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bo
     spec = load_grid(grid_file)
     nb = resolve_notebook(spec["notebook"])
     declared = notebook_parameters(nb)
-    points = grid_points(spec["grid"])
-    unknown = sorted((set(spec["parameters"]) | set(spec["grid"])) - set(declared))
+    points = grid_points(spec["grid"], spec["include"])
+    unknown = sorted((set(spec["parameters"]) | set(spec["grid"]) | {k for p in spec["include"] for k in p})
+                     - set(declared))
     if unknown:
         raise ConfigError(f"{nb.name} has no parameter(s) {unknown}; valid: {', '.join(declared)}")
     out = prepare_run_dir(out)
