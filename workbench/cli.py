@@ -256,6 +256,7 @@ PLUGGED_COMMANDS: list[tuple[str, str, str]] = [
     (".runner", "add_run_parser", "run_run_command"),
     (".runner", "add_sweep_parser", "run_sweep_command"),
     (".runner", "add_report_parser", "run_report_command"),
+    (".study", "add_study_parser", "run_study_command"),
 ]
 
 

@@ -485,7 +485,7 @@ def cost_figure(rows: Sequence[dict[str, Any]], title: str = "Accuracy after PTQ
 
 def drop_figure(rows: Sequence[dict[str, Any]], title: str = "Accuracy lost to PTQ") -> Any:
     """Grouped bars of ``drop`` (FP minus quantized accuracy) per PTQ setting, one colour per method
-    (``compare`` rows; introduced in 06_report)."""
+    (``compare`` rows; introduced in 07_report)."""
     import plotly.graph_objects as go
 
     from . import plots

@@ -39,7 +39,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 #: Notebooks that take ``ckpt_dir`` reuse the checkpoints 00_quickstart trained in the same run.
 CHECKPOINT_SOURCE = "00_quickstart"
 #: The notebook that aggregates a run (it gets ``results_dir``).
-REPORT_NOTEBOOK = "06_report"
+REPORT_NOTEBOOK = "07_report"
 
 
 # ---------------------------------------------------------------------------------------
