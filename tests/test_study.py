@@ -1,0 +1,248 @@
+"""The reproduction study: study files, selection on the validation split, aggregation over seeds,
+targets, and the Markdown report (on synthetic sweep folders), plus one tiny real study end to end."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from workbench import study
+from workbench.errors import ConfigError, RunDirError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_config() -> None:
+    assert study.parse_config("W4A8") == (4, 8)
+    assert study.parse_config("w8a32") == (8, None)
+    assert study.parse_config("W3") == (3, None)
+    assert study.parse_config("W32A4") == (None, 4)
+    for bad in ("4/4", "A4W4", "W4A", ""):
+        with pytest.raises(ConfigError, match="W<bits>A<bits>"):
+            study.parse_config(bad)
+
+
+def test_ptq_grid_crosses_bits_observers_attention() -> None:
+    cfgs = study.ptq_grid(["W8A8", "W4A4", "W2A4"], ["minmax", "percentile"], [True, False], n_calib=64)
+    assert len(cfgs) == 12
+    assert [(c.w_bits, c.a_bits) for c in cfgs[::4]] == [(8, 8), (4, 4), (2, 4)]
+    assert {(c.observer, c.quant_attn) for c in cfgs} == {("minmax", True), ("minmax", False),
+                                                           ("percentile", True), ("percentile", False)}
+    assert all(c.n_calib == 64 and c.w_per_channel for c in cfgs)
+    with pytest.raises(ConfigError):
+        study.ptq_grid(["W1A8"])  # 1 bit is out of range
+    with pytest.raises(ConfigError, match="at least one"):
+        study.ptq_grid([])
+
+
+def test_load_study_checks_keys(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("grid: {seed: [0]}\nsearch: {grid: {noise_mult: [1, 2]}}\n")
+    spec = study.load_study(f)
+    assert spec["notebook"] == study.MEMBER_NOTEBOOK
+    assert spec["search"]["select"] == {"config": "W4A4", "observer": "minmax", "reference": "plain",
+                                        "max_fp_loss": 0.5}
+    f.write_text("grid: {seed: [0]}\nseeds: 3\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        study.load_study(f)
+    f.write_text("search: {parameters: {method: dnq}}\n")
+    with pytest.raises(ConfigError, match="'search' needs a 'grid'"):
+        study.load_study(f)
+    f.write_text("search: {grid: {noise_mult: [1]}, select: {config: four}}\n")
+    with pytest.raises(ConfigError, match="W<bits>A<bits>"):
+        study.load_study(f)
+
+
+def test_the_shipped_study_files_are_valid() -> None:
+    from workbench import runner
+
+    files = sorted((ROOT / "docs" / "study").glob("*.yaml"))
+    assert files
+    for f in files:
+        spec = study.load_study(f)
+        declared = runner.notebook_parameters(runner.resolve_notebook(spec["notebook"]))
+        keys = set(spec["parameters"]) | set(spec["grid"]) | {k for p in spec["include"] for k in p}
+        if spec.get("search"):
+            s = spec["search"]
+            keys |= set(s.get("parameters") or {}) | set(s["grid"]) | {k for p in s.get("include") or [] for k in p}
+        assert keys <= set(declared), (f.name, keys - set(declared))
+
+
+# ---------------------------------------------------------------------------------------
+# synthetic sweep folders
+
+
+def _member(job: str, label: str, seed: int, fp: float, q: dict[str, float], *, method: str | None = None,
+            model: str = "vit-micro", time_s: float = 10.0, trace: float = 100.0, noise_mult: float = 1.0,
+            split: str = "test") -> dict:
+    method = method or label.split("-")[0]
+    member = {"model": model, "label": label, "method": method, "seed": seed, "noise_w_bits": 4, "noise_a_bits": 4,
+              "noise_mult": noise_mult, "data": "fashion-mnist-mini", "split": split, "fp_accuracy": fp,
+              "fp_loss": 0.5, "epochs": 3, "train_time_s": 3 * time_s, "epoch_time_s": time_s, "step_time_s": 0.1,
+              "hardware": "CPU test", "top_eigenvalue": trace / 10, "trace": trace, "trace_stderr": 1.0,
+              "sharpness_ascent": trace / 1000, "sigma_trace_w4": trace / 1e4, "predicted_increase_w4": trace / 2e4,
+              "measured_increase_w4": trace / 2e4 * 1.1, "sigma_trace_w3": trace / 2e3,
+              "predicted_increase_w3": trace / 4e3, "measured_increase_w3": trace / 4e3 * 0.9}
+    ptq = [{"method": method, "config": "FP32", "w_bits": None, "a_bits": None, "observer": None, "quant_attn": None,
+            "accuracy": fp, "loss": 0.5, "label": label, "split": split, "drop": 0.0, "loss_increase": 0.0}]
+    for cfg, acc in q.items():
+        w, a = study.parse_config(cfg)
+        ptq.append({"method": method, "config": cfg, "w_bits": w, "a_bits": a, "observer": "minmax", "quant_attn": True,
+                    "accuracy": acc, "loss": 0.6, "label": label, "split": split, "drop": fp - acc,
+                    "loss_increase": 0.1})
+    flat = [{"w_bits": 4, "top_eigenvalue": trace / 10, "trace": trace, "label": label, "n_hessian": 64}]
+    return {"job": job, "member": member, "ptq": ptq, "flatness": flat}
+
+
+def _write_sweep(folder: Path, members: list[dict], points: list[dict], failed: tuple[str, ...] = ()) -> Path:
+    (folder / "jobs").mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"kind": "sweep", "points": points}))
+    summary = []
+    for m in members:
+        res = folder / "jobs" / m["job"] / "results"
+        res.mkdir(parents=True)
+        for name in ("member", "ptq", "flatness"):
+            rows = [m["member"]] if name == "member" else m[name]
+            (res / f"{name}.json").write_text(json.dumps(rows))
+        summary.append({"job": m["job"], "status": "ok"})
+    for job in failed:
+        (folder / "jobs" / job / "executed").mkdir(parents=True)
+        summary.append({"job": job, "status": "failed", "message": "cell [7] raised RuntimeError: boom"})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
+    members = [
+        _member("000", "dnq", 0, 80.0, {"W4A4": 78.0}, noise_mult=0.5, split="val"),
+        _member("001", "dnq", 0, 79.8, {"W4A4": 79.0}, noise_mult=1.0, split="val"),
+        _member("002", "dnq", 0, 78.0, {"W4A4": 79.5}, noise_mult=2.0, split="val"),  # best W4A4, FP too low
+        _member("003", "plain", 0, 80.1, {"W4A4": 70.0}, noise_mult=1.0, split="val"),
+    ]
+    points = [{"noise_mult": 0.5}, {"noise_mult": 1.0}, {"noise_mult": 2.0}, {"method": "plain", "noise_mult": 1.0}]
+    folder = _write_sweep(tmp_path / "search", members, points)
+    sel = study.select_search(folder, {"config": "W4A4", "observer": "minmax", "reference": "plain",
+                                       "max_fp_loss": 0.5}, ["noise_mult"])
+    assert sel["values"] == {"noise_mult": 1.0} and sel["constrained"]
+    by_k = {r["noise_mult"]: r for r in sel["table"]}
+    assert [by_k[k]["eligible"] for k in (0.5, 1.0, 2.0)] == [True, True, False]
+    assert by_k[1.0]["chosen"] and not by_k[2.0]["chosen"]
+    # with no budget the highest quantized accuracy wins
+    sel = study.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
+    assert sel["values"] == {"noise_mult": 2.0}
+    # nobody within budget: the best overall, and the rule says so
+    sel = study.select_search(folder, {"config": "W4A4", "max_fp_loss": -5.0}, ["noise_mult"])
+    assert sel["values"] == {"noise_mult": 2.0} and not sel["constrained"] and "none qualified" in sel["rule"]
+
+
+def _main_members() -> list[dict]:
+    rows, i = [], 0
+    spec = {  # label: (fp per seed, W4A4 per seed, W3A3 per seed, epoch time, trace)
+        "plain": ((84.0, 84.4, 83.8), (78.0, 77.0, 78.5), (60.0, 58.0, 62.0), 10.0, 800.0),
+        "dnq": ((83.8, 84.1, 83.9), (82.5, 82.9, 82.4), (78.0, 77.5, 78.2), 11.0, 300.0),
+        "sam": ((84.2, 84.0, 84.1), (80.0, 80.5, 79.9), (70.0, 69.0, 71.0), 20.0, 400.0),
+        "swa": ((84.3, 84.2, 84.0), (79.0, 79.5, 78.8), (65.0, 66.0, 64.0), 10.0, 500.0),
+    }
+    for label, (fps, w4, w3, t, tr) in spec.items():
+        for seed in range(3):
+            rows.append(_member(f"{i:03d}", label, seed, fps[seed], {"W4A4": w4[seed], "W3A3": w3[seed]},
+                                time_s=t, trace=tr + seed))
+            i += 1
+    return rows
+
+
+def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
+    members = _main_members()
+    folder = _write_sweep(tmp_path / "main", members, [{} for _ in members], failed=("012",))
+    got = study.collect_sweep(folder)
+    assert len(got["members"]) == 12 and [f["job"] for f in got["failed"]] == ["012"]
+    rows = {r["label"]: r for r in study.summarize(got, ["W4A4", "W3A3"])["rows"]}
+    assert list(rows) == ["plain", "dnq", "sam", "swa"]  # the canonical method order
+    assert rows["dnq"]["fp_accuracy"] == pytest.approx(statistics.fmean([83.8, 84.1, 83.9]))
+    assert rows["dnq"]["W4A4_minmax_accuracy_std"] == pytest.approx(statistics.stdev([82.5, 82.9, 82.4]))
+    assert rows["plain"]["W3A3_minmax_drop"] == pytest.approx(statistics.fmean([24.0, 26.4, 21.8]))
+    assert rows["sam"]["time_vs_plain"] == pytest.approx(2.0) and rows["dnq"]["time_vs_sam"] == pytest.approx(0.55)
+    targets = {t["target"]: t["met"] for t in study.check_targets(list(rows.values()), "vit-micro")}
+    assert targets["W4A4: dnq loses at most a third of what plain loses"]  # 1.37 vs 6.23
+    assert targets["W4A4: seed spreads do not overlap (dnq's worst above plain's best)"]
+    assert targets["FP accuracy of dnq within 0.5 points of plain"]
+    assert targets["W4A4: dnq beats sam"] and targets["W3A3: dnq beats swa"]
+    assert targets["dnq trains in at most 0.6x SAM's time"]
+
+
+def test_targets_fail_honestly(tmp_path: Path) -> None:
+    members = _main_members()
+    for m in members:  # make dnq cost FP accuracy and train slowly
+        if m["member"]["label"] == "dnq":
+            m["member"]["fp_accuracy"] -= 2.0
+            m["member"]["epoch_time_s"] = 15.0
+            for r in m["ptq"]:
+                if r["config"] == "FP32":
+                    r["accuracy"] -= 2.0
+    got = study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
+    rows = study.summarize(got, ["W4A4", "W3A3"])["rows"]
+    targets = {t["target"]: t["met"] for t in study.check_targets(rows, "vit-micro")}
+    assert not targets["FP accuracy of dnq within 0.5 points of plain"]
+    assert not targets["dnq trains in at most 0.6x SAM's time"]
+
+
+def test_spearman_table_ranks_members(tmp_path: Path) -> None:
+    members = _main_members()
+    got = study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
+    rho = {r["damage"]: r for r in study.spearman_table(got)}
+    # the synthetic predicted and measured increases are both proportional to the trace
+    assert rho["measured_increase_w4"]["predicted_increase_w4"] == pytest.approx(1.0)
+    assert rho["measured_increase_w4"]["trace"] == pytest.approx(1.0)
+
+
+def test_report_splices_into_markdown_and_keeps_the_rest(tmp_path: Path) -> None:
+    members = _main_members()
+    out = tmp_path / "study"
+    _write_sweep(out / "main", members, [{} for _ in members])
+    md = tmp_path / "docs" / "results.md"
+    md.parent.mkdir()
+    md.write_text(f"# Results\n\nIntro by hand.\n\n{study.BEGIN}\nold numbers\n{study.END}\n\n## Discussion\nkept\n")
+    paths = study.write_report(out, dest=tmp_path / "docs" / "results" / "study", md=md, bits=["W4A4", "W3A3"])
+    text = md.read_text()
+    assert text.startswith("# Results\n\nIntro by hand.") and text.endswith("## Discussion\nkept\n")
+    assert "old numbers" not in text and text.count(study.BEGIN) == 1
+    assert "| dnq | 83.93 ± 0.15 | 82.60 ± 0.26 | 77.90 ± 0.36 |" in text
+    assert "(results/study/figures/accuracy_vs_bits_vit-micro.html)" in text
+    for name in ("members.csv", "ptq.csv", "summary.csv", "spearman.csv", "figures/trace_vs_drop_vit-micro.html",
+                 "figures/accuracy_vs_bits_vit-micro.json"):
+        assert (paths["dest"] / name).is_file(), name
+    # a folder without finished members is an error, not an empty report
+    empty = tmp_path / "empty"
+    _write_sweep(empty / "main", [], [])
+    with pytest.raises(RunDirError, match="no study member finished"):
+        study.write_report(empty)
+
+
+# ---------------------------------------------------------------------------------------
+# one tiny real study
+
+
+def test_tiny_study_end_to_end(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        "parameters: {epochs: 1, limit_train: 400, limit_test: 200, n_calib: 64, n_hessian: 32, probes: 3,\n"
+        "             eig_iters: 3, bits: [W8A8, W4A4], observers: [minmax], attention: [true],\n"
+        "             model_args: {depth: 1, embed_dim: 32, num_heads: 2, stem_width: 16}}\n"
+        "grid: {method: [plain, dnq]}\n"
+        "search:\n"
+        "  parameters: {method: dnq, val_size: 200}\n"
+        "  grid: {noise_mult: [2.0]}\n"
+        "  include: [{method: plain, noise_mult: 1.0}]\n")
+    res = study.run_study(spec, tmp_path / "out", jobs=1, html=False, progress=False,
+                          md=tmp_path / "results.md")
+    assert res["selected"] == {"noise_mult": 2.0}
+    assert not res["main"]["failed"] and not res["search"]["failed"]
+    members = json.loads((tmp_path / "out" / "main" / "jobs" / "001" / "results" / "member.json").read_text())
+    assert members[0]["method"] == "dnq" and members[0]["noise_mult"] == 2.0 and members[0]["split"] == "test"
+    search = json.loads((tmp_path / "out" / "search" / "jobs" / "000" / "results" / "member.json").read_text())
+    assert search[0]["split"] == "val"
+    assert (tmp_path / "out" / "notebook" / f"{study.MEMBER_NOTEBOOK}.ipynb").is_file()
+    assert "Noise multiplier search" in (tmp_path / "results.md").read_text()
