@@ -401,3 +401,25 @@ def test_fused_qkv_path_equals_separate_quantizers(monkeypatch) -> None:
         monkeypatch.setattr(QuantAttention, "_fused_qkv_params", lambda self: None)
         separate = qm(x)
     assert torch.equal(fused, separate)
+
+
+def test_folded_input_scale_equals_fake_quant_then_matmul(monkeypatch) -> None:
+    from workbench.ptq.modules import QuantConv, QuantLinear, _QuantLayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 5))
+    x = torch.randn(16, 1, 8, 8)
+    qm = quantize_model(model, PTQConfig(w_bits=4, a_bits=4), [x])
+    layers = [m for m in qm.modules() if isinstance(m, (QuantConv, QuantLinear))]
+    with torch.no_grad():
+        folded = qm(x)
+        assert all(m._folded() is not None for m in layers)
+        layers[-1].weight_q.mul_(2)  # an in-place change must not be served from the stale cache
+        folded2 = qm(x)
+        monkeypatch.setattr(_QuantLayer, "_folded", lambda self: None)
+        plain2 = qm(x)
+        layers[-1].weight_q.div_(2)
+        plain = qm(x)
+    assert torch.allclose(folded, plain, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(folded2, plain2, rtol=1e-5, atol=1e-6) and not torch.allclose(folded2, folded)

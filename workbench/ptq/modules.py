@@ -35,6 +35,13 @@ def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, lo: float 
     return (x.div_(scale) if inplace else x.div(scale)).round_().clamp_(lo, hi).mul_(scale)
 
 
+def fused_quantize_codes(x: torch.Tensor, scale: torch.Tensor | float, lo: float | torch.Tensor,
+                         hi: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``clamp(round(x / scale), lo, hi)``: :func:`fused_fake_quantize` without the final ``* scale``,
+    for callers that fold the scale into the next matmul's other operand (one pass fewer)."""
+    return (x.div_(scale) if inplace else x.div(scale)).round_().clamp_(lo, hi)
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer (uniform affine or log2).
 
@@ -129,6 +136,24 @@ class _QuantLayer(nn.Module):
         """The weight the forward pass uses (quantized if ``w_bits`` is set)."""
         return self.layer.weight if self.weight_q is None else self.weight_q
 
+    def _folded(self) -> tuple[torch.Tensor, float, float, torch.Tensor] | None:
+        """``(weight * input_scale, scale, lo, hi)`` when the input quantizer is a calibrated uniform one.
+
+        ``W @ (s * codes) == (s * W) @ codes``: multiplying the (small, constant) weight by the input
+        step once saves the last of the four elementwise passes over every activation. Cached; the
+        key notices a new scale, device, dtype or an in-place change of the weight.
+        """
+        q = self.input_quant
+        if q is None or q.mode != "quant" or q.scheme != "uniform" or torch.is_grad_enabled():
+            return None
+        w = self.weight
+        key = (q._scale_f, q._lo, q._hi, w.device, w.dtype, w.data_ptr(), w._version)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, w * q._scale_f)
+            self.__dict__["_fold_cache"] = cache
+        return cache[1], q._scale_f, q._lo, q._hi
+
     def weight_qparams(self) -> quant.QParams | None:
         if self.w_bits is None:
             return None
@@ -149,6 +174,10 @@ class QuantLinear(_QuantLayer):
             from .onnx_export import integer_linear
 
             return integer_linear(self, x)
+        folded = self._folded()
+        if folded is not None:
+            w, scale, lo, hi = folded
+            return F.linear(fused_quantize_codes(x, scale, lo, hi), w, self.layer.bias)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.weight, self.layer.bias)
@@ -162,6 +191,10 @@ class QuantConv(_QuantLayer):
             from .onnx_export import integer_conv
 
             return integer_conv(self, x)
+        folded = self._folded()
+        if folded is not None:  # padding pads codes: a padded code c stands for s * c, as before
+            w, scale, lo, hi = folded
+            return self.layer._conv_forward(fused_quantize_codes(x, scale, lo, hi), w, self.layer.bias)
         if self.input_quant is not None:
             x = self.input_quant(x)
         # _conv_forward handles padding modes exactly as the original layer does
@@ -177,7 +210,8 @@ class QuantAttention(nn.Module):
     the softmax output. Softmax, the optional q/k norms and masks stay in floating point.
 
     Speed: once calibrated, q, k and v are fake-quantized in one pass over the contiguous qkv
-    output with a per-column step vector, instead of three passes over strided views.
+    output with a per-column step vector, instead of three passes over strided views, and the
+    dequantizing multiplications fold into that pass (see :meth:`_fused_qkv_params`).
     """
 
     export_mode: bool = False
@@ -201,41 +235,55 @@ class QuantAttention(nn.Module):
         self.norm = getattr(attn, "norm", nn.Identity())
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
-        self._qkv_fq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._qkv_fq: tuple | None = None  # (key, step, lo, hi, out_mult), see _fused_qkv_params
 
-    def _fused_qkv_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(step, lo, hi) vectors over the 3 * attn_dim qkv columns, or None if not applicable."""
+    def _fused_qkv_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """``(step, lo, hi, out_mult, softmax_folded)`` vectors over the 3 * attn_dim qkv columns, or None.
+
+        ``out_mult`` is what the integer codes are multiplied by: the step, times the attention
+        scale for q (``(s q) k^T`` needs no extra pass over q) and times the softmax step for v when
+        the softmax output is uniformly quantized (``(s_a A) v == A (s_a v)``: no pass over the
+        large attention matrix to dequantize it).
+        """
         qs = (self.q_quant, self.k_quant, self.v_quant)
         if not all(q.mode == "quant" and q.scheme == "uniform" for q in qs):
             return None
         if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
             return None  # q/k are normalized after the projection: quantize them after the norm
-        if self._qkv_fq is None or self._qkv_fq[0].device != self.qkv.weight.device:
+        sq = self.softmax_quant
+        softmax_folded = sq.mode == "quant" and sq.scheme == "uniform"
+        key = (tuple((q._scale_f, q._lo, q._hi) for q in (*qs, sq)), softmax_folded, self.qkv.weight.device)
+        if self._qkv_fq is None or self._qkv_fq[0] != key:
             n = self.attn_dim
-            rep = lambda v: torch.tensor([v], dtype=torch.float32).repeat(n)  # noqa: E731
-            step = torch.cat([rep(q._scale_f) for q in qs]).to(self.qkv.weight.device)
-            lo = torch.cat([rep(q._lo) for q in qs]).to(step.device)
-            hi = torch.cat([rep(q._hi) for q in qs]).to(step.device)
-            self._qkv_fq = (step, lo, hi)
-        return self._qkv_fq
+            rep = lambda v: torch.tensor([v], dtype=torch.float64).repeat(n)  # noqa: E731
+            step = torch.cat([rep(q._scale_f) for q in qs])
+            lo = torch.cat([rep(q._lo) for q in qs])
+            hi = torch.cat([rep(q._hi) for q in qs])
+            mult = torch.cat([rep(self.q_quant._scale_f * self.scale), rep(self.k_quant._scale_f),
+                              rep(self.v_quant._scale_f * (sq._scale_f if softmax_folded else 1.0))])
+            dev = self.qkv.weight.device
+            self._qkv_fq = (key, *(t.to(device=dev, dtype=torch.float32) for t in (step, lo, hi, mult)))
+        return (*self._qkv_fq[1:], softmax_folded)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x)  # (B, N, 3 * attn_dim)
-        fused = None if self.export_mode else self._fused_qkv_params()
+        fused = None if self.export_mode or qkv.requires_grad else self._fused_qkv_params()
         if fused is not None:
-            qkv = fused_fake_quantize(qkv, *fused, inplace=not qkv.requires_grad)  # ours: no copy needed
+            step, lo, hi, mult, softmax_folded = fused
+            qkv = fused_quantize_codes(qkv, step, lo, hi, inplace=True).mul_(mult)  # our own tensor: no copy
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each (B, heads, N, head_dim)
         if self.export_mode:
             from .onnx_export import integer_matmul
 
             attn = integer_matmul(q, k.transpose(-2, -1), self.q_quant, self.k_quant, self.scale)
+        elif fused is not None:
+            attn = q @ k.transpose(-2, -1)  # q already carries the attention scale
         else:
-            if fused is None:
-                q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+            q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         if attn_mask is not None or is_causal:
             from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
@@ -248,7 +296,9 @@ class QuantAttention(nn.Module):
             x = integer_matmul(attn, v, self.softmax_quant, self.v_quant, 1.0)
         else:
             sq = self.softmax_quant
-            if sq.mode == "quant" and sq.scheme == "uniform" and not attn.requires_grad:
+            if fused is not None and fused[4]:
+                attn = fused_quantize_codes(attn, sq._scale_f, sq._lo, sq._hi, inplace=True)  # v carries s_a
+            elif sq.mode == "quant" and sq.scheme == "uniform" and not attn.requires_grad:
                 attn = fused_fake_quantize(attn, sq._scale_f, sq._lo, sq._hi, inplace=True)  # ours too
             else:
                 attn = sq(attn)
