@@ -246,3 +246,11 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     assert search[0]["split"] == "val"
     assert (tmp_path / "out" / "notebook" / f"{study.MEMBER_NOTEBOOK}.ipynb").is_file()
     assert "Noise multiplier search" in (tmp_path / "results.md").read_text()
+    # the main sweep again (one member), reusing the finished search instead of searching again
+    spec.write_text(spec.read_text().replace("grid: {method: [plain, dnq]}", "grid: {method: [dnq]}"))
+    res2 = study.run_study(spec, tmp_path / "out2", html=False, progress=False, search_from=tmp_path / "out")
+    assert res2["selected"] == {"noise_mult": 2.0} and "search" not in res2
+    assert len(res2["main"]["jobs"]) == 1 and not res2["main"]["failed"]
+    assert json.loads((tmp_path / "out2" / "selected.json").read_text())["reused_from"] == str(tmp_path / "out")
+    with pytest.raises(RunDirError, match="no finished search"):
+        study.run_study(spec, tmp_path / "out3", search_from=tmp_path / "out2" / "main")

@@ -268,10 +268,13 @@ def _sweep_file(dest: Path, spec: Mapping[str, Any], description: str) -> Path:
 
 
 def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: str | Path | None = None,
-              md: str | Path | None = None, progress: bool = True, **sweep_kwargs: Any) -> dict[str, Any]:
+              md: str | Path | None = None, search_from: str | Path | None = None, progress: bool = True,
+              **sweep_kwargs: Any) -> dict[str, Any]:
     """Run the search (if any), pick its values, run the main sweep, write the report.
 
-    ``sweep_kwargs`` go to :func:`workbench.runner.run_sweep` (e.g. ``engine``, ``html``).
+    ``search_from``: an earlier study folder whose finished search is reused (copied into ``out``,
+    values selected again by this file's rule) instead of searching again, e.g. to rerun the main
+    sweep with more seeds. ``sweep_kwargs`` go to :func:`workbench.runner.run_sweep` (e.g. ``engine``, ``html``).
 
     Returns:
         ``{"out", "selected", "search", "main", "report"}``.
@@ -294,7 +297,17 @@ def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: s
                                     "kind": "study", "spec": spec})
     result: dict[str, Any] = {"out": str(out), "selected": {}}
     base = dict(spec["parameters"])
-    if spec.get("search"):
+    if spec.get("search") and search_from is not None:
+        s = spec["search"]
+        src = Path(search_from) / "search"
+        if not (src / "sweep.json").is_file():
+            raise RunDirError(f"{search_from} has no finished search (no search/sweep.json)")
+        shutil.copytree(src, out / "search")
+        choice = select_search(out / "search", s["select"], list(s["grid"]))
+        write_json(out / "selected.json", {**choice, "reused_from": str(search_from)})
+        result["selected"] = choice["values"]
+        base.update(choice["values"])
+    elif spec.get("search"):
         s = spec["search"]
         search_spec = {"notebook": spec["notebook"], "parameters": {**base, **(s.get("parameters") or {})},
                        "grid": s["grid"], "include": s.get("include") or []}
@@ -760,6 +773,8 @@ def add_study_parser(sub: Any, add_json: Any) -> None:
     r.add_argument("--jobs", type=int, default=1, help="members executed at a time")
     r.add_argument("--dest", help="where the report's tables and figures go (default OUT/report)")
     r.add_argument("--md", help="Markdown file whose study block is replaced (e.g. docs/results.md)")
+    r.add_argument("--search-from", metavar="STUDY_DIR",
+                   help="reuse the finished noise search of an earlier study folder instead of searching again")
     r.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     r.add_argument("--no-progress", action="store_true")
     add_json(r)
@@ -776,7 +791,7 @@ def run_study_command(args: Any) -> int:
 
     if args.study_command == "run":
         res = run_study(args.study_file, args.out, jobs=args.jobs, dest=args.dest, md=args.md,
-                        html=not args.no_html, progress=not args.no_progress)
+                        search_from=args.search_from, html=not args.no_html, progress=not args.no_progress)
         failed = len(res["main"]["failed"]) + len((res.get("search") or {}).get("failed", []))
         if args.json:
             print(json.dumps({"out": res["out"], "selected": res["selected"], "report": res["report"],
