@@ -254,3 +254,4 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out2" / "selected.json").read_text())["reused_from"] == str(tmp_path / "out")
     with pytest.raises(RunDirError, match="no finished search"):
         study.run_study(spec, tmp_path / "out3", search_from=tmp_path / "out2" / "main")
+    assert not (tmp_path / "out3").exists()

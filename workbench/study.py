@@ -289,6 +289,8 @@ def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: s
     if not Path(str(nb)).is_absolute() and (Path(study_file).parent / str(nb)).is_file():
         nb = Path(study_file).parent / str(nb)
     nb = resolve_notebook(nb)
+    if search_from is not None and not (Path(search_from) / "search" / "sweep.json").is_file():
+        raise RunDirError(f"{search_from} has no finished search (no search/sweep.json)")
     out = prepare_run_dir(out)
     # run a copy: editing the notebook during a long study must not change members still to come
     (out / "notebook").mkdir()
@@ -300,8 +302,6 @@ def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: s
     if spec.get("search") and search_from is not None:
         s = spec["search"]
         src = Path(search_from) / "search"
-        if not (src / "sweep.json").is_file():
-            raise RunDirError(f"{search_from} has no finished search (no search/sweep.json)")
         shutil.copytree(src, out / "search")
         choice = select_search(out / "search", s["select"], list(s["grid"]))
         write_json(out / "selected.json", {**choice, "reused_from": str(search_from)})
