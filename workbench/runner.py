@@ -19,13 +19,14 @@ kernelspec happens to be installed), so a fresh clone's ``.venv`` is what execut
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,84 +323,312 @@ def grid_points(grid: Mapping[str, Sequence[Any]],
     return points
 
 
+#: Where sweep members run: ``local`` (a process pool on this machine) or ``dask`` (a Dask cluster).
+SWEEP_ENGINES = ("local", "dask")
+#: The thread-pool sizes a kernel reads at start-up (torch: OMP; NumPy's BLAS: MKL or OpenBLAS).
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def _job(args: dict[str, Any]) -> dict[str, Any]:
-    """One sweep job, run in a worker process (top-level so it pickles)."""
-    if args.get("threads"):
-        # The kernel inherits this: N concurrent jobs share the cores instead of oversubscribing them.
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args["threads"])
-    row = execute_notebook(args["notebook"], args["executed"], args["parameters"], html=args["html"],
-                           cwd=Path(args["notebook"]).parent)
-    return {**row, "job": args["job"], "point": args["point"]}
+    """One sweep member, in a local worker process or on a Dask worker (top-level so it pickles).
+
+    Every path in ``args`` is absolute and the member writes only into its own ``jobs/NNN`` folder.
+    It first clears that folder's ``executed/`` and ``results/``: they hold something only when an
+    earlier attempt of this member was cut off (its worker died), never a finished result.
+
+    Raises:
+        ConfigError: the notebook is not visible here (cluster workers without the shared filesystem).
+    """
+    import shutil
+    import socket
+
+    threads = args.get("threads")
+    if not threads and args.get("engine") == "dask":
+        threads = _dask_threads(args.get("threads_by_host") or {})
+    if threads:
+        # The kernel inherits this: N concurrent jobs share the cores instead of oversubscribing them
+        # (on Dask it also replaces the nanny's default of 1 thread, which would starve a lone member).
+        for var in _THREAD_VARS:
+            os.environ[var] = str(threads)
+    notebook, folder = Path(args["notebook"]), Path(args["folder"])
+    if not notebook.is_file():
+        raise ConfigError(f"{notebook} is not visible on {socket.gethostname()}: cluster workers need the "
+                          "notebooks and the sweep folder on a shared filesystem, at the same paths")
+    for sub in ("executed", "results"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+    row = execute_notebook(notebook, args["executed"], args["parameters"], html=args["html"], cwd=notebook.parent)
+    return {**row, "job": args["job"], "point": args["point"], "host": socket.gethostname(), "threads": threads}
+
+
+def _failed_row(task: Mapping[str, Any], exc: BaseException, message: str, **extra: Any) -> dict[str, Any]:
+    """The summary row of a member that never produced one itself (its process or worker died)."""
+    return {"job": task["job"], "point": task["point"], "notebook": Path(task["notebook"]).stem,
+            "status": "failed", "error_name": type(exc).__name__, "error_value": str(exc), "cell": None,
+            "exec_count": None, "message": message, **extra}
+
+
+def _local_rows(tasks: Sequence[dict[str, Any]], jobs: int,
+                executor_factory: Callable[[int], Any] | None) -> Iterable[dict[str, Any]]:
+    """Summary rows as members finish on this machine: in this process (one job) or a process pool."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    if jobs == 1 and executor_factory is None:
+        for t in tasks:
+            yield _job(t)
+        return
+    factory = executor_factory or (lambda n: ProcessPoolExecutor(n, mp_context=get_context("spawn")))
+    with factory(jobs) as pool:
+        futures = {pool.submit(_job, t): t for t in tasks}
+        for fut in as_completed(futures):
+            t = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as e:  # the worker itself died: still one failed row
+                row = _failed_row(t, e, f"job {t['job']} crashed: {e}")
+            yield row
+
+
+# -- the Dask engine
+
+
+def _worker_facts(dask_worker: Any) -> dict[str, Any]:
+    """Run on every Dask worker (``Client.run``): its host, cores and task slots."""
+    from distributed.comm import get_address_host
+
+    return {"host": get_address_host(dask_worker.address), "cpus": os.cpu_count() or 1,
+            "nthreads": dask_worker.state.nthreads}
+
+
+def _threads_by_host(client: Any) -> dict[str, int]:
+    """Threads per member on each host: its cores over the task slots of all its workers together
+    (two 1-thread workers on a 16-core machine: 8 threads each).
+
+    Raises:
+        ConfigError: the workers cannot import the workbench (it must be installed on every worker).
+    """
+    try:
+        facts = client.run(_worker_facts)
+    except Exception as e:
+        if _is_import_error(e):
+            raise ConfigError(f"the Dask workers cannot import the workbench ({e}); install it on every "
+                              "worker, in the environment that runs `dask worker`") from e
+        # a worker leaving right now: each member then sizes itself on its worker
+        log.warning("could not ask the Dask workers for their cores: %s", e)
+        return {}
+    hosts: dict[str, dict[str, int]] = {}
+    for f in facts.values():
+        h = hosts.setdefault(f["host"], {"cpus": f["cpus"], "slots": 0})
+        h["slots"] += f["nthreads"]
+    return {host: max(1, h["cpus"] // max(1, h["slots"])) for host, h in hosts.items()}
+
+
+def _is_import_error(exc: BaseException) -> bool:
+    """A worker could not unpickle our function: Dask reports that as a plain ``Exception`` whose
+    text names the ``ModuleNotFoundError``."""
+    return isinstance(exc, ImportError) or "ModuleNotFoundError" in str(exc) or "ImportError" in str(exc)
+
+
+def _dask_threads(by_host: Mapping[str, int]) -> int:
+    """Threads for the member this Dask worker runs: its host's share from ``by_host`` (measured when
+    the sweep started), else, for a worker that joined later, the cores over this worker's slots."""
+    try:
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return os.cpu_count() or 1
+    host = get_address_host(worker.address)
+    return by_host.get(host) or max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads))
+
+
+def _quiet_dask_logs() -> None:
+    """Run on each worker of the sweep's own LocalCluster as it shuts down."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _dask_client(address: str | None, workers: int) -> Iterator[Any]:
+    """A ``distributed.Client`` connected to the scheduler at ``address``, or to a LocalCluster of
+    ``workers`` processes with one thread each, started here and closed again on exit.
+
+    Raises:
+        MissingDependencyError: dask.distributed is not installed.
+        ConfigError: no scheduler answers at ``address``.
+    """
+    from .errors import MissingDependencyError
+
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError as e:
+        raise MissingDependencyError("the dask engine needs dask.distributed: pip install distributed") from e
+    dlog = logging.getLogger("distributed")
+    level = dlog.level
+    dlog.setLevel(max(level, logging.WARNING))  # every connect, start and stop is logged at INFO
+    try:
+        if address:
+            try:
+                client = Client(address, set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as e:
+                raise ConfigError(f"no Dask scheduler answers at {address}: {e}") from e
+            with client:
+                yield client
+            return
+        # Our own cluster: the sweep's retries are the only retry count (no scheduler-side reruns), and
+        # a worker holds just the job it runs, so a dying worker takes no queued job along with it.
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                              "distributed.scheduler.worker-saturation": 1.0}):
+            # no dashboard (bokeh is not a dependency), and its health page on a free port, not 8787
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                                   silence_logs=logging.WARNING)
+        with cluster, Client(cluster, set_as_default=False) as client:
+            try:
+                yield client
+            finally:  # closing, workers' heartbeats race the scheduler's end and log tracebacks of nothing
+                with contextlib.suppress(Exception):
+                    client.run(_quiet_dask_logs)
+                dlog.setLevel(logging.CRITICAL)
+    finally:
+        dlog.setLevel(level)
+
+
+def _dask_rows(client: Any, tasks: Sequence[dict[str, Any]], retries: int) -> Iterable[dict[str, Any]]:
+    """Summary rows as members finish on a Dask cluster. A member whose worker died (``KilledWorker``)
+    or that raised outside its notebook is submitted again, up to ``retries`` times, then recorded as
+    failed with the reason; the other members go on either way."""
+    import uuid
+
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    from .errors import WorkbenchError
+
+    sweep = uuid.uuid4().hex[:8]
+    attempts: dict[str, int] = {}
+    running: dict[str, tuple[Any, dict[str, Any]]] = {}  # future key -> (future, task)
+
+    def submit(task: dict[str, Any]) -> Any:
+        n = attempts[task["job"]] = attempts.get(task["job"], 0) + 1
+        fut = client.submit(_job, task, key=f"workbench-sweep-{sweep}-{task['job']}-{n}", pure=False)
+        running[fut.key] = (fut, task)
+        return fut
+
+    done = as_completed([submit(t) for t in tasks], loop=client.loop)
+    try:
+        for fut in done:
+            _, task = running.pop(fut.key)
+            job, n = task["job"], attempts[task["job"]]
+            try:
+                row = {**fut.result(), "attempts": n}
+            except BaseException as e:  # a cancelled future raises CancelledError, a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                lost = isinstance(e, KilledWorker)
+                why = "its Dask worker died while running it" if lost else f"{type(e).__name__}: {e}"
+                if n <= retries and not isinstance(e, WorkbenchError) and not _is_import_error(e):
+                    log.warning("job %s: %s; running it again (retry %d of %d)", job, why, n, retries)
+                    done.add(submit(task))
+                    continue
+                hint = "; is the workbench installed on every worker?" if _is_import_error(e) else ""
+                row = _failed_row(task, e, f"job {job} failed outside its notebook after {n} attempt(s) "
+                                           f"(retries {retries}): {why}{hint}", attempts=n)
+            finally:
+                fut.release()
+            yield row
+    finally:
+        if running:  # interrupted: nothing of this sweep keeps running on the cluster
+            client.cancel([f for f, _ in running.values()])
 
 
 def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bool = True,
               progress: bool = True, report: bool = True,
-              executor_factory: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Run a notebook over a parameter grid, ``jobs`` at a time (processes).
+              executor_factory: Callable[[int], Any] | None = None, engine: str = "local",
+              address: str | None = None, retries: int = 1) -> dict[str, Any]:
+    """Run a notebook over a parameter grid, on this machine ``jobs`` at a time (processes) or on a
+    Dask cluster (``engine="dask"``).
 
-    A failing job does not stop the others; the summary lists each failure with its cell.
+    A failing job does not stop the others; the summary lists each failure with its cell, and
+    ``summary.json`` is rewritten (atomically) as each job finishes.
+
+    Args:
+        jobs: local: processes at a time; dask without ``address``: workers of the LocalCluster
+            started for the sweep (one thread each). Each job gets ``cores // concurrent jobs``
+            OMP/MKL threads.
+        engine: ``local`` or ``dask``.
+        address: the scheduler of a running Dask cluster (``tcp://host:8786``); its workers must see
+            the notebook and ``out`` at the same paths (a shared filesystem).
+        retries: dask: how often a job whose worker died (or that raised outside its notebook) is
+            run again before it is recorded as failed.
 
     Returns:
         ``{"out", "jobs": [rows], "failed": [rows], "seconds"}``; each row has ``job``, ``point``
-        (the grid values), ``status``, ``seconds`` and, on failure, ``cell``/``exec_count``/``error_*``.
+        (the grid values), ``status``, ``seconds`` and, on failure, ``cell``/``exec_count``/``error_*``
+        (dask rows also ``attempts``).
 
     Raises:
-        ConfigError: bad sweep file, unknown notebook or parameter, ``jobs < 1``.
+        ConfigError: bad sweep file, unknown notebook, parameter or engine, ``jobs < 1``,
+            ``retries < 0``, an address without the dask engine, or no scheduler at ``address``.
         RunDirError: ``out`` exists and is not empty.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
     from tqdm.auto import tqdm
 
-    if int(jobs) < 1:
+    jobs, retries = int(jobs), int(retries)
+    if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    if engine not in SWEEP_ENGINES:
+        raise ConfigError(f"unknown sweep engine {engine!r}; use one of {', '.join(SWEEP_ENGINES)}")
+    if address and engine != "dask":
+        raise ConfigError("an address is a Dask scheduler's: use it with engine 'dask' (--engine dask)")
+    if retries < 0:
+        raise ConfigError(f"retries must be >= 0, got {retries}")
     spec = load_grid(grid_file)
-    nb = resolve_notebook(spec["notebook"])
+    nb = resolve_notebook(spec["notebook"]).resolve()
     declared = notebook_parameters(nb)
     points = grid_points(spec["grid"], spec["include"])
     unknown = sorted((set(spec["parameters"]) | set(spec["grid"]) | {k for p in spec["include"] for k in p})
                      - set(declared))
     if unknown:
         raise ConfigError(f"{nb.name} has no parameter(s) {unknown}; valid: {', '.join(declared)}")
-    out = prepare_run_dir(out)
-    write_json(out / "sweep.json", {**run_metadata(dict(spec["parameters"])), "kind": "sweep",
-                                    "notebook": nb.stem, "grid": spec["grid"], "points": points,
-                                    "description": spec["description"]})
-    threads = max(1, (os.cpu_count() or 1) // int(jobs)) if int(jobs) > 1 else None
-    tasks = []
-    for i, point in enumerate(points):
-        job = f"{i:03d}"
-        params = {**spec["parameters"], **point, "out_dir": str(out / "jobs" / job / "results")}
-        tasks.append({"job": job, "point": point, "notebook": str(nb), "parameters": params, "html": html,
-                      "executed": str(out / "jobs" / job / "executed" / nb.name), "threads": threads})
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(tasks), desc=f"sweep {nb.stem}", unit="job", disable=not progress)
-    if int(jobs) == 1 and executor_factory is None:
-        for t in tasks:
-            rows.append(_job(t))
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(_dask_client(address, jobs)) if engine == "dask" else None
+        where: dict[str, Any] = {"engine": engine, "jobs": jobs}
+        if client is not None:
+            by_host = _threads_by_host(client)
+            where.update(address=client.scheduler.address, retries=retries, threads_by_host=by_host)
+            if address and not by_host:
+                log.warning("no Dask worker is connected to %s yet: the jobs wait until workers join", address)
+            elif address and jobs != 1:
+                log.info("--jobs is unused with --address: the cluster's worker threads set how many run at a time")
+        out = prepare_run_dir(out).resolve()  # only now, with the cluster reached; absolute for its workers
+        write_json(out / "sweep.json", {**run_metadata(dict(spec["parameters"])), "kind": "sweep",
+                                        "notebook": nb.stem, "grid": spec["grid"], "points": points,
+                                        "description": spec["description"], **where})
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and client is None else None
+        tasks = []
+        for i, point in enumerate(points):
+            folder = out / "jobs" / f"{i:03d}"
+            params = {**spec["parameters"], **point, "out_dir": str(folder / "results")}
+            tasks.append({"job": folder.name, "point": point, "notebook": str(nb), "parameters": params,
+                          "html": html, "folder": str(folder), "executed": str(folder / "executed" / nb.name),
+                          "threads": threads, "engine": engine,
+                          "threads_by_host": where.get("threads_by_host")})
+        t0 = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(total=len(tasks), desc=f"sweep {nb.stem}", unit="job", disable=not progress)
+        finished = (_dask_rows(client, tasks, retries) if client is not None
+                    else _local_rows(tasks, jobs, executor_factory))
+        for row in finished:
+            rows.append(row)
             bar.update(1)
             write_json(out / "summary.json", sorted(rows, key=lambda r: r["job"]))
-    else:
-        factory = executor_factory or (lambda n: ProcessPoolExecutor(n, mp_context=get_context("spawn")))
-        with factory(int(jobs)) as pool:
-            futures = {pool.submit(_job, t): t for t in tasks}
-            for fut in as_completed(futures):
-                t = futures[fut]
-                try:
-                    rows.append(fut.result())
-                except Exception as e:  # the worker itself died: still one failed row
-                    rows.append({"job": t["job"], "point": t["point"], "notebook": nb.stem, "status": "failed",
-                                 "error_name": type(e).__name__, "error_value": str(e), "cell": None,
-                                 "message": f"job {t['job']} crashed: {e}"})
-                bar.update(1)
-                write_json(out / "summary.json", sorted(rows, key=lambda r: r["job"]))
-    bar.close()
+        bar.close()
+        seconds = time.perf_counter() - t0  # the jobs alone: without starting and stopping a cluster
     rows.sort(key=lambda r: r["job"])
     result = {"out": str(out), "jobs": rows, "failed": [r for r in rows if r["status"] != "ok"],
-              "seconds": time.perf_counter() - t0}
+              "seconds": seconds}
     if report:
         result["report"] = {k: str(v) for k, v in make_report(out).items()}
     return result
@@ -622,7 +851,16 @@ def add_sweep_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p = sub.add_parser("sweep", help="run one notebook over a parameter grid (YAML), N at a time")
     p.add_argument("grid", help="YAML file: notebook, parameters, grid (see notebooks/sweeps/)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    p.add_argument("--jobs", type=int, default=1, help="notebooks executed at a time (processes)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="notebooks executed at a time: local processes, or the workers of the Dask "
+                        "LocalCluster that --engine dask starts when no --address is given")
+    p.add_argument("--engine", default="local", choices=SWEEP_ENGINES,
+                   help="local: a process pool on this machine; dask: a Dask distributed cluster")
+    p.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                   help="scheduler of a running Dask cluster (`dask scheduler`), with --engine dask; its "
+                        "workers must see the notebooks and --out at the same paths")
+    p.add_argument("--retries", type=int, default=1,
+                   help="dask: run a job again up to N times when its worker dies (default 1)")
     p.add_argument("--no-html", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     add_json(p)
@@ -664,8 +902,16 @@ def run_run_command(args: Any) -> int:
 
 def run_sweep_command(args: Any) -> int:
     """``workbench sweep``: run the grid, print a summary with each failure's cell; exit 8 on failures."""
-    result = run_sweep(args.grid, args.out, jobs=args.jobs, html=not args.no_html, progress=not args.no_progress)
-    return _finish(result, "jobs", args.json, "sweep jobs")
+    import sys
+
+    result = run_sweep(args.grid, args.out, jobs=args.jobs, html=not args.no_html, progress=not args.no_progress,
+                       engine=args.engine, address=args.address, retries=args.retries)
+    code = _finish(result, "jobs", args.json, "sweep jobs")
+    if not args.json:
+        for r in result["failed"]:  # lost with a worker: no cell to show, so say what happened
+            if r.get("attempts") and r.get("exec_count") is None:
+                print(f"  {r['message']}", file=sys.stderr)
+    return code
 
 
 def run_report_command(args: Any) -> int:
