@@ -255,3 +255,13 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="no finished search"):
         study.run_study(spec, tmp_path / "out3", search_from=tmp_path / "out2" / "main")
     assert not (tmp_path / "out3").exists()
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench import cli
+
+    assert cli.main(["study", "run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) != 0
+    assert "cannot read study file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["study", "report", str(tmp_path)]) != 0
+    assert "not a sweep folder" in capsys.readouterr().err

@@ -773,6 +773,10 @@ def add_study_parser(sub: Any, add_json: Any) -> None:
     r.add_argument("--jobs", type=int, default=1, help="members executed at a time")
     r.add_argument("--dest", help="where the report's tables and figures go (default OUT/report)")
     r.add_argument("--md", help="Markdown file whose study block is replaced (e.g. docs/results.md)")
+    r.add_argument("--engine", default="local", choices=("local", "dask"),
+                   help="where members run: this machine's process pool or a Dask cluster (see docs/scaling.md)")
+    r.add_argument("--address", default=None, metavar="tcp://HOST:PORT", help="scheduler of a running Dask cluster")
+    r.add_argument("--retries", type=int, default=1, help="dask: reruns of a member whose worker died")
     r.add_argument("--search-from", metavar="STUDY_DIR",
                    help="reuse the finished noise search of an earlier study folder instead of searching again")
     r.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
@@ -791,7 +795,8 @@ def run_study_command(args: Any) -> int:
 
     if args.study_command == "run":
         res = run_study(args.study_file, args.out, jobs=args.jobs, dest=args.dest, md=args.md,
-                        search_from=args.search_from, html=not args.no_html, progress=not args.no_progress)
+                        search_from=args.search_from, html=not args.no_html, progress=not args.no_progress,
+                        engine=args.engine, address=args.address, retries=args.retries)
         failed = len(res["main"]["failed"]) + len((res.get("search") or {}).get("failed", []))
         if args.json:
             print(json.dumps({"out": res["out"], "selected": res["selected"], "report": res["report"],
