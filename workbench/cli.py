@@ -127,7 +127,8 @@ def build_method(args: argparse.Namespace):
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import data, models
+    """Train; under ``torchrun --nproc-per-node N`` every process runs this and trains data-parallel."""
+    from . import data, distributed, models
     from .runinfo import prepare_run_dir, set_seed
     from .train import TrainConfig, fit
 
@@ -139,22 +140,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(cfg_kw)
     bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=args.val_size)
     method, method_cfg = build_method(args)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the same initial weights on every rank
     model = models.create(args.model, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
-    # Only now, with every name and option checked, touch the output folder.
-    out = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    # WORLD_SIZE > 1 (torchrun): one process group; a no-op in a single process
+    distributed.init_from_env(cfg.device)
+    main = distributed.is_main()  # (kept: after cleanup() every process would look like rank 0)
+    if not main:
+        logging.getLogger("workbench").setLevel(logging.WARNING)  # rank 0 logs for everyone
     try:
-        result = fit(model, bundle, cfg, method, method_config=method_cfg, out_dir=out, resume=args.resume,
-                     progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"interrupted: progress saved in {out / 'last.pt'}; continue with the same command plus --resume",
-              file=sys.stderr)
-        return 130
+        # Only now, with every name and option checked, touch the output folder (rank 0 alone).
+        out = distributed.call_on_main(lambda: prepare_run_dir(args.out, resume=args.resume,
+                                                               overwrite=args.overwrite))
+        try:
+            result = fit(model, bundle, cfg, method, method_config=method_cfg, out_dir=out, resume=args.resume,
+                         progress=not args.no_progress)
+        except KeyboardInterrupt:
+            if main:
+                print(f"interrupted: progress saved in {out / 'last.pt'}; continue with the same command plus "
+                      "--resume", file=sys.stderr)
+            return 130
+    finally:
+        distributed.cleanup()
+    if not main:
+        return 0
     m = result.metrics
+    procs = f" x {m['world_size']} processes" if m.get("world_size", 1) > 1 else ""
     emit({**m, "checkpoint": str(result.checkpoint), "out": str(out)}, args.json,
          f"{args.model} on {args.data} ({method_cfg.get('method')}): test accuracy {m['test_accuracy']:.2f}% "
          f"(loss {m['test_loss']:.4f}) after {m['epochs']} epochs, {m['total_train_time']:.0f} s training "
-         f"on {m['device']}\ncheckpoint: {result.checkpoint}")
+         f"on {m['device']}{procs}\ncheckpoint: {result.checkpoint}")
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import shard_bounds
 from .errors import ConfigError, DataError
 from .registry import Registry
 
@@ -188,20 +189,27 @@ def normalize(images: torch.Tensor, info: DataInfo) -> torch.Tensor:
 
 
 def augment_batch(images: torch.Tensor, info: DataInfo, generator: torch.Generator,
-                  padding: int | None = None) -> torch.Tensor:
+                  padding: int | None = None, *, total: int | None = None, offset: int = 0) -> torch.Tensor:
     """Random crop with zero padding, plus a horizontal flip where the labels allow it.
 
     Done on the whole uint8 batch with one gather instead of per-sample Python code.
+    ``total``/``offset``: draw the random crops and flips of a batch of ``total`` images and apply
+    those of positions ``offset .. offset + len(images)``: one process's shard of a global batch
+    gets exactly the augmentation one process would give those images.
     """
     n, _, h, w = images.shape
+    total = n if total is None else int(total)
+    if not 0 <= offset <= total - n:
+        raise ConfigError(f"a shard of {n} images at offset {offset} does not fit a batch of {total}")
     pad = max(1, h // 8) if padding is None else padding
     padded = F.pad(images, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
+    shard = slice(offset, offset + n)
+    oy = torch.randint(0, 2 * pad + 1, (total, 1, 1), generator=generator)[shard]
+    ox = torch.randint(0, 2 * pad + 1, (total, 1, 1), generator=generator)[shard]
     rows = oy + torch.arange(h).view(1, h, 1)                       # (N, H, 1)
     cols = ox + torch.arange(w).view(1, 1, w)                       # (N, 1, W)
     if info.hflip:
-        flip = torch.rand(n, 1, 1, generator=generator) < 0.5
+        flip = torch.rand(total, 1, 1, generator=generator)[shard] < 0.5
         cols = torch.where(flip, ox + (w - 1 - torch.arange(w)).view(1, 1, w), cols)
     batch = torch.arange(n).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols]             # (N, H, W, C)
@@ -220,15 +228,22 @@ def num_batches(split: ImageSplit, batch_size: int, drop_last: bool = False) -> 
 def batches(split: ImageSplit, info: DataInfo, batch_size: int = 256, *, shuffle: bool = False,
             augment: bool = False, device: str | torch.device = "cpu", seed: int = 0, epoch: int = 0,
             drop_last: bool = False, start_batch: int = 0, limit: int | None = None,
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalized float ``(images, labels)`` batches on ``device``.
 
     Order and augmentation depend only on ``(seed, epoch)``, so a resumed run can skip the
     first ``start_batch`` batches and see exactly what the interrupted run would have seen.
     ``limit`` caps the number of images (e.g. ``n_calib``).
+
+    With ``world_size`` > 1 each batch of ``batch_size`` images (the global batch) is cut into
+    ``world_size`` contiguous shards and rank ``rank`` gets its own (``batch_size / world_size``
+    images when it divides), augmented as the whole batch would be: the processes together see
+    exactly the batches of a single process. Empty shards (a last batch smaller than
+    ``world_size``) are skipped.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    shard_bounds(0, rank, world_size)  # checks rank and world_size
     n = len(split) if limit is None else min(len(split), int(limit))
     if n == 0:
         raise DataError("the split is empty: nothing to iterate over")
@@ -237,10 +252,12 @@ def batches(split: ImageSplit, info: DataInfo, batch_size: int = 256, *, shuffle
     stop = n - n % batch_size if drop_last else n
     for i, start in enumerate(range(0, stop, batch_size)):
         idx = order[start:start + batch_size]
+        lo, hi = shard_bounds(len(idx), rank, world_size)
+        full, idx = len(idx), idx[lo:hi]
         imgs = split.images[idx]
-        if augment:
-            imgs = augment_batch(imgs, info, gen)
-        if i < start_batch:
+        if augment:  # draws the random numbers of the whole batch (resumable, shard-independent)
+            imgs = augment_batch(imgs, info, gen, total=full, offset=lo)
+        if i < start_batch or len(idx) == 0:
             continue
         x = normalize(imgs.to(device, non_blocking=True), info)
         yield x, split.labels[idx].to(device, non_blocking=True)

@@ -25,6 +25,12 @@ Honesty rules followed here:
   and whether the tolerance was met.
 * Fused attention (``F.scaled_dot_product_attention``) has no double backward on CPU: timm
   ``Attention`` modules get ``fused_attn = False`` only while a Hessian-vector product runs.
+
+Data-parallel (several processes, see :mod:`workbench.distributed`): with a process group of two or
+more, every rank builds a :class:`LossHessian` over its *own* batches and runs the same analysis
+with the same random generator; Hessian-vector products, gradients and losses are summed over the
+ranks with sample weights, so every rank gets the Hessian of the loss over the union of the data
+(and the same estimates). Each product checks that all ranks multiply the same vector.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from . import distributed as wdist
 from . import quant
 from .errors import ConfigError, ModelError
 
@@ -170,6 +177,9 @@ class LossHessian:
         compile: ``torch.compile`` the forward-over-reverse product (implies ``fwd``). Measured on the
             default ViT on CPU: 2-3x faster per product (inductor fuses the elementwise ops that dominate),
             after a one-time compile of ~50 CPU-seconds; worth it from ~20 products on.
+        distributed: average over the ranks of the process group (each rank passes its own batches,
+            the loss is the sample-weighted mean over the union). ``None`` (default): when a process
+            group of two or more exists; every rank must then run the same computation.
     Raises:
         ModelError: no parameter requires grad / nothing matches ``params``.
         ConfigError: empty data, batch of size 0, unknown method.
@@ -177,9 +187,14 @@ class LossHessian:
 
     def __init__(self, model: nn.Module, data: Batch | Iterable[Batch], *, loss_fn: LossFn | None = None,
                  params: str | Sequence[str] | None = None, device: str | torch.device | None = None,
-                 method: str = "auto", compile: bool = False) -> None:  # noqa: A002
+                 method: str = "auto", compile: bool = False,  # noqa: A002
+                 distributed: bool | None = None) -> None:
         if method not in HVP_METHODS:
             raise ConfigError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        if distributed and not wdist.is_distributed():
+            raise ConfigError("distributed=True needs a process group of two or more processes "
+                              "(workbench.distributed.init_from_env under torchrun)")
+        self.distributed = distributed
         self.model = model
         self.batches = _as_batches(data)
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
@@ -207,6 +222,9 @@ class LossHessian:
         self._chosen: str | None = None if self.method == "auto" else self.method
         self._timing: dict[str, float] = {}
         self._compiled: Callable | None = None
+        self._dist = False  # reduce over the ranks (decided on entry)
+        self._total = 0  # samples over which the loss is averaged (all ranks')
+        self._probe_weights: torch.Tensor | None = None
 
     # -- context management
     def __enter__(self) -> LossHessian:
@@ -222,7 +240,11 @@ class LossHessian:
                 self._const[n] = b.detach().to(dev)
             self._data = [(x.to(dev), y.to(dev)) for x, y in self.batches]
             total = sum(x.shape[0] for x, _ in self._data)
+            self._dist = wdist.is_distributed() if self.distributed is None else bool(self.distributed)
+            if self._dist:  # weights over the union of every rank's samples
+                total = int(round(wdist.all_reduce_values([total])[0]))
             self._weights = [x.shape[0] / total for x, _ in self._data]
+            self._total = total
         self._depth += 1
         return self
 
@@ -278,8 +300,10 @@ class LossHessian:
             total += w * float(self.loss_fn(out, y))
             if accuracy:
                 correct += float((out.argmax(-1) == y).float().sum())
+        if self._dist:
+            total, correct = wdist.all_reduce_values([total, correct])
         if accuracy:
-            return total, correct / sum(x.shape[0] for x, _ in self._data)
+            return total, correct / self._total
         return total
 
     def perturbed_loss(self, delta: torch.Tensor) -> float:
@@ -287,14 +311,34 @@ class LossHessian:
         d = self.unflatten(delta)
         return float(self.loss({n: self._params[n] + d[n] for n in self.names}))  # type: ignore[arg-type]
 
-    def gradient(self) -> torch.Tensor:
-        """Flat gradient of the loss w.r.t. the selected parameters."""
+    def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Flat gradient of the loss w.r.t. the selected parameters (at ``params`` if given)."""
         self._require_entered()
+        p = {**self._params, **(params or {})}
         g = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
         for (x, y), w in zip(self._data, self._weights):
-            gd = grad(self._loss_of)(self._params, x, y)
+            gd = grad(self._loss_of)(p, x, y)
             g += w * self.flatten([gd[n] for n in self.names])
-        return g
+        return self._reduce(g)
+
+    # -- several processes
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over the ranks (the per-rank parts carry weights over the union); identity otherwise."""
+        return wdist.all_reduce_(t, "sum") if self._dist else t
+
+    def _check_same_vector(self, v: torch.Tensor) -> None:
+        """Refuse to go on when the ranks multiply different vectors (one tiny all-reduce)."""
+        if not self._dist:
+            return
+        flat = v.reshape(-1)
+        if self._probe_weights is None or self._probe_weights.numel() != flat.numel():
+            # a fixed, irregular weighting: different probes give different fingerprints
+            self._probe_weights = torch.arange(flat.numel(), dtype=torch.float64, device=v.device).cos_()
+        f = float(flat.double() @ self._probe_weights)
+        hi, neg_lo = wdist.all_reduce_values([f, -f], "max")
+        if hi + neg_lo > 1e-9 * (abs(hi) + 1.0):
+            raise ConfigError("the ranks multiply different vectors: run the same analysis with the same seeded "
+                              "generator (e.g. generator=torch.Generator().manual_seed(0)) on every rank")
 
     # -- Hessian-vector products
     def _fwd_product(self, params: dict[str, torch.Tensor], v: dict[str, torch.Tensor], x: torch.Tensor,
@@ -331,7 +375,8 @@ class LossHessian:
                 self._timing["dbl_build"] = clock() - t0
             leaves, g = self._graph
             hv = torch.autograd.grad(g, [leaves[n] for n in self.names], grad_outputs=vs, retain_graph=True)
-            return list(hv)
+            w = self._weights[0]  # 1 unless other ranks hold samples too
+            return list(hv) if w == 1.0 else [w * h for h in hv]
         out: list[torch.Tensor] | None = None
         for (x, y), w in zip(self._data, self._weights):
             leaves, g = self._build_graph(x, y)
@@ -366,6 +411,9 @@ class LossHessian:
                 dt = clock - self._timing.get("dbl_build", 0.0)
                 self._timing[method] = dt
                 if method == "dbl":
+                    if self._dist:  # every rank must choose alike: compare the ranks' total times
+                        self._timing["fwd"], self._timing["dbl"] = wdist.all_reduce_values(
+                            [self._timing["fwd"], self._timing["dbl"]])
                     self._chosen = "fwd" if self._timing["fwd"] <= self._timing["dbl"] else "dbl"
                     if self._chosen == "fwd":
                         self._graph = None  # free the graph we will not use
@@ -375,9 +423,13 @@ class LossHessian:
                 hv = self._hvp_with(self._chosen, vd)
             except RuntimeError as e:
                 raise ModelError(f"Hessian-vector product by {self._chosen!r} failed: {e}") from e
+        out = self.flatten(hv).detach()
+        if self._dist:
+            self._check_same_vector(v)
+            self._reduce(out)
         self.hvp_count += 1
         self.hvp_seconds += time.perf_counter() - t0
-        return self.flatten(hv).detach()
+        return out
 
     def hvp_many(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V[i]`` for the rows of ``V`` (shape (m, numel)) in one vectorized call.
@@ -402,9 +454,13 @@ class LossHessian:
                 hv = torch.func.vmap(one)(Vd)
                 part = w * torch.cat([hv[n].reshape(V.shape[0], -1) for n in self.names], dim=1)
                 out = part if out is None else out + part
+        out = out.detach()  # type: ignore[union-attr]
+        if self._dist:
+            self._check_same_vector(V)
+            self._reduce(out)
         self.hvp_count += V.shape[0]
         self.hvp_seconds += time.perf_counter() - t0
-        return out.detach()  # type: ignore[union-attr]
+        return out
 
     @property
     def method_used(self) -> str:
@@ -859,14 +915,16 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
     if isinstance(target, LossHessian):  # same data and options, but over the quantized weights only
         model, data = target.model, target.batches
         loss_fn, device, method = target.loss_fn, target.device, method or target.method
+        distributed = target.distributed
     else:
-        model = target
+        model, distributed = target, None
     names = quantized_weight_names(model)
     if not names:
         raise ModelError("the model has no Linear/Conv weights requiring grad: nothing is weight-quantized")
     if data is None:
         raise ConfigError("pass data=(x, y) (or a list of batches) together with a model")
-    target = LossHessian(model, data, loss_fn=loss_fn, params=names, device=device, method=method or "auto")
+    target = LossHessian(model, data, loss_fn=loss_fn, params=names, device=device, method=method or "auto",
+                         distributed=distributed)
     with target as H:
         t0 = time.perf_counter()
         sig = weight_sigma(H.model, H.names, w_bits, per_channel, H.device)
@@ -1084,11 +1142,7 @@ def sharpness_ascent(target: LossHessian | nn.Module, data: Batch | Iterable[Bat
         for i in range(steps):
             d = H.unflatten(t * u)
             p = {n: H._params[n] + d[n] for n in H.names}
-            gsum = torch.zeros_like(w)
-            for (x, y), wt in zip(H._data, H._weights):
-                gd = grad(H._loss_of)(p, x, y)
-                gsum += wt * H.flatten([gd[n] for n in H.names])
-            gu = gsum * t  # chain rule: d loss / d u
+            gu = H.gradient(p) * t  # chain rule: d loss / d u
             gn = gu.norm()
             if gn == 0:
                 break

@@ -15,6 +15,11 @@ Lifecycle, as called by ``fit``::
         method.on_epoch_end(model, epoch)
     method.finalize(model, ctx)              # e.g. SWA: swap in the average, recompute BN
     method.teardown(model)                   # always (finally): detach hooks, restore model
+
+Under several processes ``training_step`` receives the ``DistributedDataParallel`` wrapper
+(its forward and backward synchronize: call them as usual, each forward followed by its
+backward; its ``parameters()`` are the model's) and its rank's shard of the global batch; every
+other hook receives the bare model, so hooks, copies and state dicts see the usual names.
 """
 
 from __future__ import annotations

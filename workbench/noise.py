@@ -33,6 +33,17 @@ numbers and a fresh min/max of every activation costs about 2x a plain step):
   ``sigma_a`` (a device tensor, no host sync) is reused. Weight steps are recomputed every
   ``w_stats_every`` passes (default: every pass, as the model prescribes).
 
+Several processes (DDP, see :mod:`workbench.distributed`): each rank draws its own noise (the
+training loop seeds rank ``r`` with ``seed + r``). Weight noise needs nothing more: its scales
+derive from the weights, which DDP keeps identical on every rank. The activation ranges are
+per-rank EMAs of per-shard min/max, so :meth:`NoiseHandle.sync_ranges` (called by the training
+method after each step; one all-reduce of ``2 x layers`` numbers after each range refresh, i.e.
+every ``a_stats_every`` steps, nothing in between) replaces them by the minimum of the minima and
+the maximum of the maxima over the ranks. Since every rank starts a refresh from the same synced
+value and the EMA is monotone in the new batch's value, the synced range is exactly the EMA of
+the *global* batch's min/max that one process would keep; only the refreshing pass itself uses
+its rank's own range.
+
 Limits: between a training forward pass and the end of its backward pass the parameters hold
 noisy values (reading them there sees the noise); a forward pass in training mode that is never
 followed by a backward pass leaves them noisy until the next forward pass, :meth:`NoiseHandle.restore`,
@@ -52,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as wdist
 from . import quant
 from .errors import ConfigError, ModelError
 
@@ -263,6 +275,7 @@ class NoiseHandle:
         self._sigma_w: list[torch.Tensor] = []
         self._dirty = [False] * len(self._weights)
         self._act = [_ActState() for _ in self.layers]
+        self._ranges_refreshed = False  # a range changed since the last sync_ranges()
 
         self._hooks.append(model.register_forward_pre_hook(self._root_pre_hook))
         if config.weight_noise:
@@ -324,6 +337,35 @@ class NoiseHandle:
                 "a": self._act[i].sigma.clone() if self._act[i].sigma is not None else None,
             }
         return out
+
+    @torch.no_grad()
+    def sync_ranges(self) -> bool:
+        """Make the activation ranges equal on every rank: min of the minima, max of the maxima.
+
+        Cheap enough to call after every step: it communicates only when a range was refreshed
+        since the last call (every ``a_stats_every`` passes), with one all-reduce of all layers'
+        ranges. Every rank must call it equally often (the training method does). A no-op
+        without a process group of two or more.
+
+        Returns:
+            Whether ranges were exchanged.
+        """
+        if not self._ranges_refreshed:
+            return False
+        self._ranges_refreshed = False
+        ranges = [(s, s.xmin, s.xmax) for s in self._act if s.xmin is not None and s.xmax is not None]
+        if not ranges or not wdist.is_distributed():
+            return False
+        dev = self._weights[0].device
+        # one MAX all-reduce: maxima of (-xmin, xmax) = (-min of minima, max of maxima)
+        packed = torch.stack([-mn.to(dev) for _, mn, _ in ranges] + [mx.to(dev) for _, _, mx in ranges])
+        wdist.all_reduce_(packed, "max")
+        n = len(ranges)
+        for (s, mn, mx), new_mn, new_mx in zip(ranges, packed[:n], packed[n:]):
+            mn.copy_(-new_mn)
+            mx.copy_(new_mx)
+            s.sigma = self._act_sigma(mn, mx)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """Running activation ranges and counters, to resume a run."""
@@ -409,6 +451,7 @@ class NoiseHandle:
                         state.xmin.lerp_(mn, 1.0 - keep)
                         state.xmax.lerp_(mx, 1.0 - keep)
                     state.sigma = self._act_sigma(state.xmin, state.xmax)
+                    self._ranges_refreshed = True
             state.calls += 1
             if cfg.bank:
                 noise = self._bank.take(x.numel(), x.dtype, x.device).view(x.shape)

@@ -18,6 +18,14 @@ swa        stochastic weight averaging over the last epochs (``torch.optim.swa_u
 
 The training loop records the wall time of every epoch, so the cost of flatness is visible;
 ``benchmarks/bench_precondition.py`` measures the per-step cost side by side.
+
+Under several processes (DDP, see :mod:`workbench.distributed`) every method gives what one
+process with the same global batch gives: noise is drawn per rank (seed + rank), activation
+ranges are synchronized after each refresh, weight-noise scales derive from the (identical)
+weights; SAM's two passes both run through DDP, so the ascent direction comes from the
+all-reduced gradient and the final gradient is all-reduced too (no ``no_sync``); SWA averages
+the (identical) weights of every rank and recomputes BatchNorm statistics on the whole training
+set on every rank.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import distributed as wdist
 from . import quant
 from .errors import ConfigError, UnknownNameError, WorkbenchWarning
 from .methods import StepContext, TrainMethod
@@ -64,7 +73,7 @@ class MethodConfig:
     ema_momentum: float = 0.9  # activation range EMA
     a_stats_every: int = 4  # activation range refresh period (training passes)
     bank: bool = True  # fast banked noise (see workbench.noise); False: fresh samples
-    seed: int | None = None  # noise seed; None: the training seed (torch.initial_seed())
+    seed: int | None = None  # noise seed; None: the training seed (torch.initial_seed()); + rank under DDP
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -183,7 +192,11 @@ class NoiseMethod(PlainMethod):
     def setup(self, model: nn.Module, ctx: StepContext) -> None:
         if self.handle is not None:
             self.handle.remove()
-        self.handle = attach(model, self.config.noise_config(seed=torch.initial_seed() % (2**31)))
+        # torch.initial_seed() is already seed + rank (fit seeds each rank so); an explicit seed gets + rank here
+        noise = self.config.noise_config(seed=torch.initial_seed() % (2**31))
+        if self.config.seed is not None and wdist.seed_offset():
+            noise = replace(noise, seed=noise.seed + wdist.seed_offset())
+        self.handle = attach(model, noise)
         self.steps_per_epoch = max(1, ctx.steps_per_epoch)
         if self._pending_state is not None:
             self.handle.load_state_dict(self._pending_state)
@@ -205,6 +218,7 @@ class NoiseMethod(PlainMethod):
         handle.restore()  # weights without a gradient (frozen, unused) too
         ctx.clip(model)
         ctx.optimizer.step()
+        handle.sync_ranges()  # several processes: one all-reduce after each range refresh
         self.step += 1
         return loss.detach()
 
@@ -254,7 +268,9 @@ class SAMMethod(PlainMethod):
     """Sharpness-aware minimization (Foret et al.): two forward-backward passes per step.
 
     BatchNorm running statistics are saved before the second pass and put back after it,
-    so they are updated once per step, as in plain training.
+    so they are updated once per step, as in plain training. Under DDP both backward passes
+    all-reduce: the perturbation ``rho * g / ||g||`` uses the global-batch gradient, as one
+    process would (``no_sync`` on the first pass would give per-rank perturbations: m-SAM).
     """
 
     def __init__(self, config: MethodConfig) -> None:

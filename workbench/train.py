@@ -4,13 +4,21 @@
 label smoothing, mixed precision on CUDA, evaluation each epoch, checkpoints, progress,
 divergence checks, Ctrl-C handling); a :class:`~workbench.methods.TrainMethod` owns what
 differs between pre-conditioning methods (see :mod:`workbench.methods`).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) ``fit`` trains data-parallel with
+``DistributedDataParallel``: ``batch_size`` stays the global batch, each rank takes its slice
+of it, BatchNorm uses global-batch statistics, metrics are reduced over the ranks and only
+rank 0 writes files and shows progress (see :mod:`workbench.distributed`, docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as wdist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
@@ -34,7 +43,7 @@ class TrainConfig:
     ``fashion-mnist-mini`` (see benchmarks/bench_train.py); they also suit ``cnn-small``."""
 
     epochs: int = 14                  # vit-micro: 84 % on fashion-mnist-mini in ~3 min on 2 CPU cores
-    batch_size: int = 128
+    batch_size: int = 128             # the global batch: split over the processes under torchrun
     optimizer: str = "adamw"          # adamw | sgd
     lr: float = 2e-3                  # peak learning rate after warm-up
     weight_decay: float = 0.05        # not applied to biases, norms, positional embeddings
@@ -112,8 +121,12 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: str | torch.device | None = None) -> dict[str, float]:
-    """Mean cross-entropy loss and accuracy (percent) over batches; restores the model's mode."""
+             device: str | torch.device | None = None, *, all_ranks: bool = False) -> dict[str, float]:
+    """Mean cross-entropy loss and accuracy (percent) over batches; restores the model's mode.
+
+    With ``all_ranks`` (and a process group) each rank passes its own batches and the sums are
+    reduced over the ranks: every rank returns the metrics of the union.
+    """
     was_training = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -127,16 +140,25 @@ def evaluate(model: nn.Module, batch_iter: Iterable[tuple[torch.Tensor, torch.Te
             n += len(y)
     finally:
         model.train(was_training)
+    if all_ranks and wdist.is_distributed():
+        total_loss, correct, n = wdist.all_reduce_values([total_loss, correct, n])
+        correct, n = int(round(correct)), int(round(n))
     if n == 0:
         raise ConfigError("evaluate got no batches: the split is empty")
     return {"loss": total_loss / n, "accuracy": 100.0 * correct / n, "n": n}
 
 
 def evaluate_split(model: nn.Module, data: DataBundle, split: str = "test", batch_size: int = 512,
-                   device: str | torch.device | None = None) -> dict[str, float]:
-    """:func:`evaluate` on a named split of a :class:`DataBundle`."""
+                   device: str | torch.device | None = None, *, shard: bool = False) -> dict[str, float]:
+    """:func:`evaluate` on a named split of a :class:`DataBundle`.
+
+    With ``shard`` (and a process group; every rank must call it) each rank evaluates its share of
+    every batch and the metrics are reduced over the ranks.
+    """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    return evaluate(model, batches(data.split(split), data.info, batch_size, device=dev), dev)
+    rank, world = (wdist.get_rank(), wdist.get_world_size()) if shard else (0, 1)
+    it = batches(data.split(split), data.info, batch_size, device=dev, rank=rank, world_size=world)
+    return evaluate(model, it, dev, all_ranks=shard)
 
 
 def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
@@ -153,16 +175,35 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             and ``run.json`` go. The folder must be prepared by the caller
             (:func:`workbench.runinfo.prepare_run_dir` refuses to overwrite).
         resume: continue from ``out_dir/last.pt`` (same data order as an uninterrupted run).
-        callbacks: called with each epoch's history row (e.g. the live training monitor).
+        callbacks: called with each epoch's history row (e.g. the live training monitor); on rank 0 only.
+
+    Several processes (``torchrun``; the process group is initialized from the environment
+    unless the caller did): every rank calls ``fit`` with the same arguments and the same initial
+    weights (rank 0's are broadcast anyway). ``config.batch_size`` is the global batch and must be
+    divisible by the number of processes; rank ``r`` trains on its slice of every global batch
+    with noise and dropout seeded ``seed + r``. Gradients are averaged by
+    ``DistributedDataParallel``, BatchNorm normalizes with global-batch statistics, losses and
+    accuracies are reduced over the ranks, and only rank 0 writes ``out_dir`` and shows progress.
+    Every rank returns the same history and metrics (``epoch_time`` is each rank's own).
 
     Raises:
         TrainingDivergedError: the loss became NaN/inf (names epoch and step).
         KeyboardInterrupt: after saving ``last.pt`` so that ``resume`` can continue.
+        ConfigError: under several processes, ``batch_size`` not divisible by their number, or a
+            process group that cannot be initialized.
     """
     cfg = config or TrainConfig()
     method = method or TrainMethod()
     method_config = method_config or method.describe()
     device = resolve_device(cfg.device)
+    wdist.init_from_env(device)  # no-op in one process, or when the caller made the group
+    world, rank, main = wdist.get_world_size(), wdist.get_rank(), wdist.is_main()
+    device = wdist.local_device(device)
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)  # collectives of made-up tensors use the current device
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                          f"number of processes ({world})")
     out = Path(out_dir) if out_dir is not None else None
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
@@ -184,19 +225,24 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
 
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    seed = cfg.seed + wdist.seed_offset()  # seed + rank: independent, reproducible streams per rank
+    gen = torch.Generator(device=device).manual_seed(seed)
     ctx = StepContext(
         loss_fn=loss_fn, optimizer=optimizer, device=device, epochs=cfg.epochs,
         steps_per_epoch=steps_per_epoch, grad_clip=cfg.grad_clip, autocast=autocast,
+        # the whole training set on every rank (SWA's BatchNorm update: identical to one process)
         train_batches=lambda: batches(data.train, data.info, cfg.eval_batch_size, device=device),
         generator=gen,
     )
     history: list[dict[str, Any]] = []
     start_epoch, start_batch = 0, 0
-    torch.manual_seed(cfg.seed)  # noise and dropout streams: same seed, same run
+    torch.manual_seed(seed)  # noise and dropout streams: same seed, same run
     if resume:
         if out is None:
             raise ConfigError("resume needs out_dir (the folder holding last.pt)")
+        if not main and not (out / "last.pt").is_file():
+            raise CheckpointError(f"rank {rank} cannot see {out / 'last.pt'}: to resume on several nodes, "
+                                  "the run folder must be on a file system every node shares")
         ckpt = load_checkpoint(out / "last.pt")
         _check_resume(ckpt, cfg, model)
         model.load_state_dict(ckpt["state_dict"])
@@ -205,16 +251,19 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
         start_epoch = ckpt["progress"]["epoch"]
         start_batch = ckpt["progress"].get("step_in_epoch", 0)
         history = list(ckpt["extra"].get("history", []))
-        torch.manual_seed(cfg.seed + 7919 * (start_epoch * steps_per_epoch + start_batch))
+        torch.manual_seed(seed + 7919 * (start_epoch * steps_per_epoch + start_batch))
         log.info("resuming at epoch %d, batch %d", start_epoch, start_batch)
 
     meta = run_metadata({"data": data.params, "train": cfg.to_dict(), "method": method_config,
                          "model": getattr(model, "workbench_spec", {})})
-    if out is not None and not resume:
+    if world > 1:
+        meta["distributed"] = {"world_size": world, "backend": wdist.get_backend(),
+                               "per_rank_batch_size": cfg.batch_size // world}
+    if out is not None and not resume and main:
         write_json(out / "run.json", meta)
 
     def save_last(epoch: int, step_in_epoch: int, interrupted: bool) -> None:
-        if out is None:
+        if out is None or not main:
             return
         save_checkpoint(out / "last.pt", model, data_info=data.info.to_dict(), train_config=cfg.to_dict(),
                         method_config=method_config, metrics=history[-1] if history else {},
@@ -222,13 +271,18 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         method_state=method.state_dict(), extra={"history": history})
 
-    bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress)
+    bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress and main)
     model.train()
     method.setup(model, ctx)
     epoch, step_in_epoch = start_epoch, start_batch
+    shard = world > 1
+    ddp_scope = contextlib.ExitStack()  # global-batch BatchNorm while training under DDP
+    train_model = model  # what training_step runs: the DDP wrapper under several processes
     try:
         if resume and "method_state" in ckpt:
             method.load_state_dict(ckpt["method_state"])
+        if world > 1:
+            train_model = _wrap_ddp(model, device, ddp_scope)
         for epoch in range(start_epoch, cfg.epochs):
             method.on_epoch_start(model, epoch)
             model.train()
@@ -238,8 +292,9 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             first = start_batch if epoch == start_epoch else 0
             step_in_epoch = first
             for x, y in batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                                device=device, seed=cfg.seed, epoch=epoch, drop_last=True, start_batch=first):
-                loss = method.training_step(model, x, y, ctx)
+                                device=device, seed=cfg.seed, epoch=epoch, drop_last=True, start_batch=first,
+                                rank=rank, world_size=world):
+                loss = method.training_step(train_model, x, y, ctx)
                 if not torch.isfinite(loss):
                     gstep = epoch * steps_per_epoch + step_in_epoch
                     raise TrainingDivergedError(
@@ -256,51 +311,84 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time = time.perf_counter() - t0
+            if shard:
+                wdist.all_reduce_(loss_sum, "mean")  # every rank's steps count alike (equal shards)
             method.on_epoch_end(model, epoch)
             row = {"epoch": epoch + 1, "train_loss": (loss_sum / max(1, n_steps)).item(),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time": epoch_time,
                    "step_time": epoch_time / max(1, n_steps), "method": method_config.get("method", method.name)}
             t1 = time.perf_counter()
-            ev = evaluate_split(model, data, "test", cfg.eval_batch_size, device)
+            ev = evaluate_split(model, data, "test", cfg.eval_batch_size, device, shard=shard)
             row.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
             if len(data.val):
-                ev = evaluate_split(model, data, "val", cfg.eval_batch_size, device)
+                ev = evaluate_split(model, data, "val", cfg.eval_batch_size, device, shard=shard)
                 row.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
             row["eval_time"] = time.perf_counter() - t1
             history.append(row)
             bar.set_postfix(epoch=epoch + 1, loss=f"{row['train_loss']:.3f}", acc=f"{row['test_accuracy']:.1f}")
-            for cb in callbacks:
+            for cb in callbacks if main else ():
                 cb(row)
             step_in_epoch = 0
             save_last(epoch + 1, 0, interrupted=False)
+        ddp_scope.close()  # plain BatchNorm again: SWA recomputes statistics on the whole set on every rank
         method.finalize(model, ctx)
     except KeyboardInterrupt:
         save_last(epoch, step_in_epoch, interrupted=True)
         bar.close()
-        log.warning("interrupted: saved %s; continue with resume", out / "last.pt" if out else "nothing")
+        if main:
+            log.warning("interrupted: saved %s; continue with resume", out / "last.pt" if out else "nothing")
         raise
     finally:
+        ddp_scope.close()
+        del train_model  # the DDP wrapper (and its gradient hooks) goes with it
         method.teardown(model)
         bar.close()
 
-    final = evaluate_split(model, data, "test", cfg.eval_batch_size, device)
+    final = evaluate_split(model, data, "test", cfg.eval_batch_size, device, shard=shard)
     metrics = {"test_loss": final["loss"], "test_accuracy": final["accuracy"],
                "epochs": cfg.epochs, "mean_epoch_time": sum(r["epoch_time"] for r in history) / max(1, len(history)),
                "total_train_time": sum(r["epoch_time"] for r in history), "device": str(device)}
+    if world > 1:
+        metrics["world_size"] = world
     if len(data.val):
-        metrics.update({f"val_{k}": v for k, v in evaluate_split(model, data, "val", cfg.eval_batch_size, device).items()
-                        if k in ("loss", "accuracy")})
+        ev = evaluate_split(model, data, "val", cfg.eval_batch_size, device, shard=shard)
+        metrics.update({f"val_{k}": v for k, v in ev.items() if k in ("loss", "accuracy")})
     result = TrainResult(history=history, metrics=metrics, out_dir=out)
     if out is not None:
-        result.checkpoint = save_checkpoint(out / "model.pt", model, data_info=data.info.to_dict(),
-                                            train_config=cfg.to_dict(), method_config=method_config,
-                                            metrics=metrics, progress={"epoch": cfg.epochs},
-                                            extra={"history": history})
-        write_json(out / "history.json", history)
-        write_csv(out / "history.csv", history)
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "run.json", {**meta, "metrics": metrics})
+        if main:
+            save_checkpoint(out / "model.pt", model, data_info=data.info.to_dict(),
+                            train_config=cfg.to_dict(), method_config=method_config,
+                            metrics=metrics, progress={"epoch": cfg.epochs},
+                            extra={"history": history})
+            write_json(out / "history.json", history)
+            write_csv(out / "history.csv", history)
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "run.json", {**meta, "metrics": metrics})
+        result.checkpoint = out / "model.pt"
+    wdist.barrier()  # every rank returns once rank 0's files are written
     return result
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, scope: contextlib.ExitStack) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` with global-batch BatchNorm (undone when ``scope`` closes).
+
+    Buffers are not broadcast each step: with synchronized BatchNorm they are equal on every rank
+    by construction (rank 0's parameters and buffers are broadcast once, here).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    n_bn = scope.enter_context(wdist.sync_batchnorm(model))
+    # Convolutions over 1-channel images get gradients whose stride on the size-1 input-channel
+    # dimension differs from the weight's; DDP then copies (a few hundred numbers) and warns.
+    scope.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
+    # newer torch renames broadcast_buffers (and warns); both still sync buffers once at construction
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    log.info("DistributedDataParallel over %d processes (%s), %d BatchNorm layer(s) on global-batch statistics",
+             wdist.get_world_size(), wdist.get_backend(), n_bn)
+    return ddp
 
 
 def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module) -> None:
