@@ -130,6 +130,7 @@ def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
     by_k = {r["noise_mult"]: r for r in sel["table"]}
     assert [by_k[k]["eligible"] for k in (0.5, 1.0, 2.0)] == [True, True, False]
     assert by_k[1.0]["chosen"] and not by_k[2.0]["chosen"]
+    assert by_k[None]["label"] == "plain (reference)" and by_k[None]["val_W4A4_accuracy"] == 70.0
     # with no budget the highest quantized accuracy wins
     sel = study.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 2.0}

@@ -401,11 +401,17 @@ def select_search(folder: str | Path, select: Mapping[str, Any], keys: Sequence[
         ok = ref_mean is None or fp >= ref_mean - max_loss
         table.append({"label": label, **dict(zip(keys, values)), "val_fp_accuracy": fp,
                       f"val_{cfg}_accuracy": q, "reference_fp_accuracy": ref_mean, "eligible": ok})
+    ref_q = [quant[j] for j, m in by_job.items() if m["method"] == ref and j in quant]
+    reference_row = ({"label": f"{ref} (reference)", **{k: None for k in keys}, "val_fp_accuracy": ref_mean,
+                      f"val_{cfg}_accuracy": statistics.fmean(ref_q) if ref_q else math.nan,
+                      "reference_fp_accuracy": ref_mean, "eligible": None} if ref_fp else None)
     eligible = [r for r in table if r["eligible"]]
     constrained = bool(eligible)
     best = max(eligible or table, key=lambda r: r[f"val_{cfg}_accuracy"])
     for r in table:
         r["chosen"] = r is best
+    if reference_row is not None:
+        table.append({**reference_row, "chosen": False})
     rule = (f"highest validation accuracy at {cfg} ({obs} observer) among candidates whose FP validation "
             f"accuracy is within {max_loss:g} points of {ref!r}"
             + ("" if constrained else "; none qualified, so the best overall was taken"))
@@ -548,7 +554,11 @@ def _md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]
         cells = []
         for key, _ in columns:
             v = r.get(key, "")
-            if isinstance(v, float):
+            if v is None:
+                v = "–"
+            elif isinstance(v, bool):
+                v = "yes" if v else "no"
+            elif isinstance(v, float):
                 v = "–" if math.isnan(v) else (f"{v:.3g}" if abs(v) < 0.01 or abs(v) >= 1e4 else f"{v:.2f}")
             cells.append(str(v))
         body.append("| " + " | ".join(cells) + " |")
