@@ -247,6 +247,16 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     assert search[0]["split"] == "val"
     assert (tmp_path / "out" / "notebook" / f"{study.MEMBER_NOTEBOOK}.ipynb").is_file()
     assert "Noise multiplier search" in (tmp_path / "results.md").read_text()
+    # another observer added afterwards from the saved checkpoints, without retraining
+    added = study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
+    assert sorted(r["job"] for r in added) == ["000", "001"] and all(r["rows"] == 1 for r in added)
+    got = study.collect_sweep(tmp_path / "out" / "main")
+    pct = [r for r in got["ptq"] if r["observer"] == "percentile"]
+    assert len(pct) == 2 and sum(r["config"] == "FP32" for r in got["ptq"]) == 2  # no duplicate FP rows
+    fp = {r["job"]: r["accuracy"] for r in got["ptq"] if r["config"] == "FP32"}
+    assert all(r["drop"] == pytest.approx(fp[r["job"]] - r["accuracy"]) for r in pct)  # same data, same FP
+    with pytest.raises(RunDirError, match="already has ptq_percentile"):
+        study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
     # the main sweep again (one member), reusing the finished search instead of searching again
     spec.write_text(spec.read_text().replace("grid: {method: [plain, dnq]}", "grid: {method: [dnq]}"))
     res2 = study.run_study(spec, tmp_path / "out2", html=False, progress=False, search_from=tmp_path / "out")

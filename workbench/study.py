@@ -323,6 +323,60 @@ def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: s
     return result
 
 
+def _extra_ptq_job(args: dict[str, Any]) -> dict[str, Any]:
+    """One member's added PTQ settings (top-level so it pickles for the process pool)."""
+    import json
+
+    from .checkpoint import load_model
+
+    torch.set_num_threads(int(args["threads"]))
+    res = Path(args["results"])
+    p = json.loads((res / "run.json").read_text(encoding="utf-8"))["params"]
+    member = _read_rows(res / "member.json")[0]
+    model, _ = load_model(res / "checkpoints" / member["label"] / "model.pt")
+    bundle = member_data(p["data"], seed=p["seed"], val_size=p.get("val_size", 0), limit_train=p["limit_train"],
+                         limit_test=p["limit_test"], n_calib=p["n_calib"])
+    configs = ptq_grid(args["bits"], args["observers"], args["attention"], n_calib=p["n_calib"])
+    rows = member_ptq(member["label"], model, member["method"], bundle, configs, split=member["split"],
+                      n_calib=p["n_calib"])
+    write_json(res / f"ptq_{args['tag']}.json", rows)
+    return {"job": res.parent.name, "rows": len(rows) - 1}
+
+
+def add_ptq(folder: str | Path, *, bits: Sequence[str] = DEFAULT_BITS, observers: Sequence[str] = ("mse",),
+            attention: Sequence[bool] = (True,), jobs: int = 1, tag: str | None = None,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Quantize a finished study's trained members again with more settings (e.g. another observer),
+    from their saved checkpoints and recorded data parameters: no retraining. Each member gets a
+    ``ptq_<tag>.json`` beside its ``ptq.json``; :func:`collect_sweep` and the report read both.
+
+    Raises:
+        RunDirError: no finished member in ``folder/main``; a member's ``ptq_<tag>.json`` exists.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    ptq_grid(bits, observers, attention)  # check the settings before any work
+    tag = tag or "_".join(observers)
+    folder = Path(folder)
+    results = sorted(d / "results" for d in (folder / "main" / "jobs").glob("*") if (d / "results" / "member.json").is_file())
+    if not results:
+        raise RunDirError(f"{folder}: no finished study member under main/jobs")
+    done = [r for r in results if (r / f"ptq_{tag}.json").exists()]
+    if done:
+        raise RunDirError(f"{done[0]} already has ptq_{tag}.json; pass another tag")
+    threads = max(1, (os.cpu_count() or 1) // int(jobs))
+    tasks = [{"results": str(r), "bits": list(bits), "observers": list(observers), "attention": list(attention),
+              "tag": tag, "threads": threads} for r in results]
+    out = []
+    with ProcessPoolExecutor(int(jobs), mp_context=get_context("spawn")) as pool:
+        for row in tqdm(pool.map(_extra_ptq_job, tasks), total=len(tasks), desc=f"ptq {tag}", disable=not progress):
+            out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # collecting
 
@@ -364,7 +418,8 @@ def collect_sweep(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
         m = members[0]
         key = {"job": job, "model": m["model"], "label": m["label"], "seed": m["seed"]}
         out["members"].append({"job": job, **m, "point": point})
-        out["ptq"] += [{**key, **r} for r in _read_rows(res / "ptq.json")]
+        for f in [res / "ptq.json", *sorted(res.glob("ptq_*.json"))]:  # ptq_*: settings added later
+            out["ptq"] += [{**key, **r} for r in _read_rows(f) if f.name == "ptq.json" or r["config"] != "FP32"]
         out["flatness"] += [{**key, **r, "label": m["label"]} for r in _read_rows(res / "flatness.json")]
     return out
 
@@ -792,6 +847,14 @@ def add_study_parser(sub: Any, add_json: Any) -> None:
     r.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     r.add_argument("--no-progress", action="store_true")
     add_json(r)
+    a = ssub.add_parser("ptq", help="quantize a finished study's members with more settings (no retraining)")
+    a.add_argument("folder")
+    a.add_argument("--observers", default="mse", help="comma-separated observers (default mse)")
+    a.add_argument("--bits", default=",".join(DEFAULT_BITS), help="comma-separated WbAb settings")
+    a.add_argument("--no-attn", action="store_true", help="also leave the attention matmuls in float")
+    a.add_argument("--jobs", type=int, default=1)
+    a.add_argument("--tag", default=None, help="name of the added tables (default: the observers)")
+    add_json(a)
     q = ssub.add_parser("report", help="(re)write a study folder's tables, figures and Markdown")
     q.add_argument("folder")
     q.add_argument("--dest")
@@ -817,6 +880,12 @@ def run_study_command(args: Any) -> int:
                 print(f"selected on the validation split: {res['selected']}")
             print(f"report: {res['report']['results_md']}")
         return 8 if failed else 0
+    if args.study_command == "ptq":
+        rows = add_ptq(args.folder, bits=args.bits.split(","), observers=args.observers.split(","),
+                       attention=[True, False] if args.no_attn else [True], jobs=args.jobs, tag=args.tag)
+        print(json.dumps(rows, indent=2) if args.json else f"added PTQ settings to {len(rows)} members; "
+              f"rewrite the report with `workbench study report {args.folder}`")
+        return 0
     paths = write_report(args.folder, dest=args.dest, md=args.md)
     if args.json:
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
