@@ -276,3 +276,16 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert not (tmp_path / "o").exists()
     assert cli.main(["study", "report", str(tmp_path)]) != 0
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_sweeps_added_to_a_study_are_merged(tmp_path: Path) -> None:
+    members = _main_members()
+    _write_sweep(tmp_path / "main", members[:6], [{} for _ in members[:6]])
+    _write_sweep(tmp_path / "main-extra", [{**m, "job": f"{i:03d}"} for i, m in enumerate(members[6:])],
+                 [{} for _ in members[6:]])
+    got = study.collect_study(tmp_path)
+    assert len(got["members"]) == 12 and len({m["job"] for m in got["members"]}) == 12
+    assert {m["job"] for m in got["members"] if m["job"].startswith("main-extra/")} == \
+        {f"main-extra/{i:03d}" for i in range(6)}
+    rows = {r["label"]: r for r in study.summarize(got, ["W4A4"])["rows"]}
+    assert rows["sam"]["seeds"] == 3 and rows["sam"]["W4A4_minmax_accuracy"] == pytest.approx(80.1333, abs=1e-3)

@@ -340,7 +340,7 @@ def _extra_ptq_job(args: dict[str, Any]) -> dict[str, Any]:
     rows = member_ptq(member["label"], model, member["method"], bundle, configs, split=member["split"],
                       n_calib=p["n_calib"])
     write_json(res / f"ptq_{args['tag']}.json", rows)
-    return {"job": res.parent.name, "rows": len(rows) - 1}
+    return {"job": res.parent.name, "sweep": res.parent.parent.parent.name, "rows": len(rows) - 1}
 
 
 def add_ptq(folder: str | Path, *, bits: Sequence[str] = DEFAULT_BITS, observers: Sequence[str] = ("mse",),
@@ -361,7 +361,9 @@ def add_ptq(folder: str | Path, *, bits: Sequence[str] = DEFAULT_BITS, observers
     ptq_grid(bits, observers, attention)  # check the settings before any work
     tag = tag or "_".join(observers)
     folder = Path(folder)
-    results = sorted(d / "results" for d in (folder / "main" / "jobs").glob("*") if (d / "results" / "member.json").is_file())
+    sweeps = [folder / "main", *sorted(folder.glob("main-*"))]
+    results = sorted(d / "results" for sw in sweeps for d in (sw / "jobs").glob("*")
+                     if (d / "results" / "member.json").is_file())
     if not results:
         raise RunDirError(f"{folder}: no finished study member under main/jobs")
     done = [r for r in results if (r / f"ptq_{tag}.json").exists()]
@@ -421,6 +423,20 @@ def collect_sweep(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
         for f in [res / "ptq.json", *sorted(res.glob("ptq_*.json"))]:  # ptq_*: settings added later
             out["ptq"] += [{**key, **r} for r in _read_rows(f) if f.name == "ptq.json" or r["config"] != "FP32"]
         out["flatness"] += [{**key, **r, "label": m["label"]} for r in _read_rows(res / "flatness.json")]
+    return out
+
+
+def collect_study(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """:func:`collect_sweep` over a study's ``main`` sweep and any ``main-*`` sweeps added to it later
+    (e.g. more seeds for some methods); job ids of the added sweeps are prefixed with their folder name."""
+    folder = Path(folder)
+    sweeps = [folder / "main", *sorted(p for p in folder.glob("main-*") if (p / "sweep.json").is_file())]
+    out: dict[str, list[dict[str, Any]]] = {"members": [], "ptq": [], "flatness": [], "failed": []}
+    for sw in sweeps:
+        got = collect_sweep(sw)
+        prefix = "" if sw.name == "main" else f"{sw.name}/"
+        for key, rows in got.items():
+            out[key] += [{**r, "job": prefix + r["job"]} for r in rows]
     return out
 
 
@@ -715,7 +731,7 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
     folder = Path(folder)
     dest = Path(dest) if dest is not None else folder / "report"
     dest.mkdir(parents=True, exist_ok=True)
-    main = collect_sweep(folder / "main")
+    main = collect_study(folder)
     if not main["members"]:
         raise RunDirError(f"{folder}: no study member finished; see {folder / 'main' / 'summary.json'}")
     study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else {}
