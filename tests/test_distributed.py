@@ -24,7 +24,7 @@ from workbench import cli, data, distributed, models, nbtools, train
 from workbench import flatness as fl
 from workbench.errors import ConfigError
 from workbench.methods import TrainMethod
-from workbench.precondition import MethodConfig, NoiseMethod
+from workbench.precondition import MethodConfig, NoiseMethod, create_method
 from workbench.runinfo import prepare_run_dir, set_seed
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -35,6 +35,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 CFG = dict(epochs=2, batch_size=32, optimizer="sgd", lr=0.01, warmup_epochs=0.25, augment=True,
            eval_batch_size=100, device="cpu")
 NOISE = dict(method="dnq", w_bits=4, a_bits=8, seed=5, a_stats_every=2)
+#: deterministic methods that must give what one process gives: SAM (both passes all-reduced), SWA
+EXACT = {"sam": dict(method="sam", rho=0.05), "swa": dict(method="swa", swa_epochs=2)}
 WORLD = 2
 
 
@@ -135,6 +137,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         r = train.fit(_model(bundle.info), bundle, train.TrainConfig(**{**CFG, "epochs": 1}), method,
                       progress=False)
         res["dnq"] = {**method.seen, "metrics": r.metrics}
+        for name, mc in EXACT.items():
+            model = _model(bundle.info)
+            train.fit(model, bundle, cfg, create_method(MethodConfig(**mc)), progress=False)
+            res[name] = model.state_dict()
         # a global batch that does not split evenly
         try:
             train.fit(_model(bundle.info), bundle, train.TrainConfig(**{**CFG, "batch_size": 31}), progress=False)
@@ -200,6 +206,15 @@ def test_two_processes_train_the_model_one_process_trains(ranks, one_thread):
     # every rank ends with the same weights and reports the same (reduced) metrics
     assert all(torch.equal(v, ranks[1]["plain"]["state"][k]) for k, v in two["state"].items())
     assert two["metrics"]["test_loss"] == ranks[1]["plain"]["metrics"]["test_loss"]
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_sam_and_swa_on_two_processes_are_the_one_process_methods(ranks, one_thread, name):
+    bundle = _bundle()
+    model = _model(bundle.info)
+    train.fit(model, bundle, train.TrainConfig(**CFG), create_method(MethodConfig(**EXACT[name])), progress=False)
+    assert _rel_diff(ranks[0][name], model.state_dict()) < 1e-3
+    assert all(torch.equal(v, ranks[1][name][k]) for k, v in ranks[0][name].items())
 
 
 def test_resume_on_two_processes_and_only_rank_0_writes(ranks, spawned):

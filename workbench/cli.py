@@ -148,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not main:
         logging.getLogger("workbench").setLevel(logging.WARNING)  # rank 0 logs for everyone
     try:
+        distributed.check_global_batch(cfg.batch_size)  # before the output folder is touched
         # Only now, with every name and option checked, touch the output folder (rank 0 alone).
         out = distributed.call_on_main(lambda: prepare_run_dir(args.out, resume=args.resume,
                                                                overwrite=args.overwrite))

@@ -266,6 +266,15 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
+def check_global_batch(batch_size: int) -> int:
+    """The per-rank batch of a global ``batch_size``; refuses one the processes cannot share evenly."""
+    world = get_world_size()
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} is the global batch and must be divisible by the "
+                          f"number of processes ({world})")
+    return batch_size // world
+
+
 def seed_offset() -> int:
     """Added to the training seed on each rank, so random streams (noise, dropout) are independent
     per rank and reproducible: ``seed + rank``."""

@@ -201,9 +201,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     device = wdist.local_device(device)
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(device)  # collectives of made-up tensors use the current device
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
-                          f"number of processes ({world})")
+    wdist.check_global_batch(cfg.batch_size)
     out = Path(out_dir) if out_dir is not None else None
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
