@@ -423,3 +423,21 @@ def test_folded_input_scale_equals_fake_quant_then_matmul(monkeypatch) -> None:
         plain = qm(x)
     assert torch.allclose(folded, plain, rtol=1e-5, atol=1e-6)
     assert torch.allclose(folded2, plain2, rtol=1e-5, atol=1e-6) and not torch.allclose(folded2, folded)
+
+
+def test_hooked_quantizers_are_called_not_bypassed() -> None:
+    model = tiny_vit()
+    x = images(8)
+    qm = quantize_model(model, PTQConfig(w_bits=4, a_bits=4), [x])
+    seen: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(mod.label))
+               for m in qm.modules() if isinstance(m, ActQuantizer) and m.mode == "quant"]
+    with torch.no_grad():
+        hooked = qm(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        fast = qm(x)
+    n_quantizers = sum(isinstance(m, ActQuantizer) and m.mode == "quant" for m in qm.modules())
+    assert len(seen) == n_quantizers and {"q", "k", "v", "softmax", "input"} <= set(seen)
+    assert torch.allclose(hooked, fast, rtol=1e-4, atol=1e-5)

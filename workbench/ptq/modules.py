@@ -35,6 +35,11 @@ def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, lo: float 
     return (x.div_(scale) if inplace else x.div(scale)).round_().clamp_(lo, hi).mul_(scale)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Someone watches this quantizer (e.g. an error measurement): call it, do not bypass it."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def fused_quantize_codes(x: torch.Tensor, scale: torch.Tensor | float, lo: float | torch.Tensor,
                          hi: float | torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``clamp(round(x / scale), lo, hi)``: :func:`fused_fake_quantize` without the final ``* scale``,
@@ -144,7 +149,7 @@ class _QuantLayer(nn.Module):
         key notices a new scale, device, dtype or an in-place change of the weight.
         """
         q = self.input_quant
-        if q is None or q.mode != "quant" or q.scheme != "uniform" or torch.is_grad_enabled():
+        if q is None or q.mode != "quant" or q.scheme != "uniform" or torch.is_grad_enabled() or _hooked(q):
             return None
         w = self.weight
         key = (q._scale_f, q._lo, q._hi, w.device, w.dtype, w.data_ptr(), w._version)
@@ -246,12 +251,12 @@ class QuantAttention(nn.Module):
         large attention matrix to dequantize it).
         """
         qs = (self.q_quant, self.k_quant, self.v_quant)
-        if not all(q.mode == "quant" and q.scheme == "uniform" for q in qs):
+        if not all(q.mode == "quant" and q.scheme == "uniform" and not _hooked(q) for q in qs):
             return None
         if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
             return None  # q/k are normalized after the projection: quantize them after the norm
         sq = self.softmax_quant
-        softmax_folded = sq.mode == "quant" and sq.scheme == "uniform"
+        softmax_folded = sq.mode == "quant" and sq.scheme == "uniform" and not _hooked(sq)
         key = (tuple((q._scale_f, q._lo, q._hi) for q in (*qs, sq)), softmax_folded, self.qkv.weight.device)
         if self._qkv_fq is None or self._qkv_fq[0] != key:
             n = self.attn_dim
@@ -298,7 +303,7 @@ class QuantAttention(nn.Module):
             sq = self.softmax_quant
             if fused is not None and fused[4]:
                 attn = fused_quantize_codes(attn, sq._scale_f, sq._lo, sq._hi, inplace=True)  # v carries s_a
-            elif sq.mode == "quant" and sq.scheme == "uniform" and not attn.requires_grad:
+            elif sq.mode == "quant" and sq.scheme == "uniform" and not attn.requires_grad and not _hooked(sq):
                 attn = fused_fake_quantize(attn, sq._scale_f, sq._lo, sq._hi, inplace=True)  # ours too
             else:
                 attn = sq(attn)
