@@ -500,13 +500,6 @@ def _ms(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-def _pm(values: Iterable[float], digits: int = 2) -> str:
-    m, s, n = _ms(values)
-    if n == 0:
-        return "–"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
-
-
 def _order(labels: Iterable[str]) -> list[str]:
     pref = ["plain", "wnoise", "anoise", "dnq", "uniform", "sam", "swa"]
     labels = list(dict.fromkeys(labels))
