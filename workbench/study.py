@@ -61,16 +61,14 @@ _SEARCH_KEYS = {"parameters", "grid", "include", "select"}
 
 
 def parse_config(label: str) -> tuple[int | None, int | None]:
-    """``'W4A8'`` -> ``(4, 8)``; 32 (or a missing side, ``'W4'``) means left in floating point.
+    """``'W4A8'`` -> ``(4, 8)``; 32 means left in floating point (:func:`workbench.quant.parse_bits_pair`).
 
     Raises:
-        ConfigError: not of the form ``W<bits>A<bits>``.
+        ConfigError: unreadable, or bits out of range.
     """
-    m = re.fullmatch(r"\s*[Ww](\d+)\s*(?:[Aa](\d+))?\s*", str(label))
-    if not m:
-        raise ConfigError(f"bit setting {label!r} is not of the form W<bits>A<bits> (e.g. W4A8, W8A32)")
-    w, a = int(m.group(1)), int(m.group(2) or 32)
-    return (None if w == 32 else w), (None if a == 32 else a)
+    from .quant import parse_bits_pair
+
+    return parse_bits_pair(label)
 
 
 def ptq_grid(bits: Sequence[str], observers: Sequence[str] = ("minmax",),
