@@ -140,7 +140,7 @@ def test_hutchinson_trace_within_its_stderr(make):
     H, _ = exact_hessian(model, x, y)
     exact = float(H.trace())
     # z^T H z has a relative std of 1-1.5 per probe here, hence many (vectorized) probes
-    res = fl.hutchinson_trace(model, (x, y), tol=0.01, max_probes=6000, block=2000, per_layer=True,
+    res = fl.hutchinson_trace(model, (x, y), tol=0.01, max_probes=6000, block=2000, per_layer=True, deflate=0,
                               generator=torch.Generator().manual_seed(0))
     assert res.probes == 6000 and res.rel_stderr < 0.025
     assert abs(res.estimate - exact) <= 3 * res.stderr
@@ -153,6 +153,67 @@ def test_hutchinson_trace_within_its_stderr(make):
         want = float(H.diagonal()[sl].sum())
         got = res.per_layer[layer]
         assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_deflated_trace_within_its_stderr_per_layer_too(make):
+    model = make()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    exact = float(H.trace())
+    res = fl.hutchinson_trace(model, (x, y), tol=1e-9, min_probes=400, max_probes=400, block=400, deflate=6,
+                              per_layer=True, generator=torch.Generator().manual_seed(0))
+    assert res.deflated == 6 and res.probes == 400 and res.hvps == 406
+    # the deflated part is tr(Q^T H Q) over an orthonormal basis: it cannot exceed the sum of the top-6
+    ev = torch.linalg.eigvalsh(H).flip(0)
+    assert res.deflated_part <= float(ev[:6].sum()) + 1e-9
+    assert abs(res.estimate - exact) <= 3 * res.stderr
+    with fl.LossHessian(model, (x, y)) as op:
+        blocks = op.blocks()
+    for layer, sl in blocks.items():
+        want = float(H.diagonal()[sl].sum())
+        got = res.per_layer[layer]
+        assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+    assert sum(v["estimate"] for v in res.per_layer.values()) == pytest.approx(res.estimate, rel=1e-9)
+
+
+def test_deflation_cuts_the_standard_error_at_equal_products():
+    # least squares with inputs near a 3-dimensional subspace: H = (2/n) [X 1]^T [X 1] (closed form) has
+    # three outlying eigenvalues that carry most of ||H||_F^2, like the class outliers of a network Hessian
+    g = torch.Generator().manual_seed(0)
+    n, d = 64, 40
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64) @ (5 * torch.randn(3, d, generator=g,
+                                                                                dtype=torch.float64))
+    X += 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    t = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    Xa = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    H = 2 / n * Xa.T @ Xa
+    ev = torch.linalg.eigvalsh(H).flip(0)
+    assert float((ev[:3] ** 2).sum() / (ev**2).sum()) > 0.95
+    kw = {"loss_fn": F.mse_loss, "tol": 1e-9, "block": 40}
+    plain = fl.hutchinson_trace(model, (X, t), min_probes=40, max_probes=40, deflate=0,
+                                generator=torch.Generator().manual_seed(2), **kw)
+    defl = fl.hutchinson_trace(model, (X, t), min_probes=34, max_probes=34, deflate=6,
+                               generator=torch.Generator().manual_seed(2), **kw)
+    assert plain.hvps == defl.hvps == 40
+    assert defl.stderr < plain.stderr / 4
+    for res in (plain, defl):
+        assert abs(res.estimate - float(H.trace())) <= 3 * res.stderr
+
+
+def test_deflation_over_every_direction_is_exact():
+    model = _mlp()
+    x, y = _data(model)
+    H, _ = exact_hessian(model, x, y)
+    n = H.shape[0]
+    res = fl.hutchinson_trace(model, (x, y), deflate=n + 5, min_probes=2, max_probes=2,
+                              generator=torch.Generator().manual_seed(0))
+    assert res.deflated <= n
+    assert res.estimate == pytest.approx(float(H.trace()), rel=1e-7)
+    assert res.stderr == pytest.approx(0.0, abs=1e-9 * abs(res.estimate)) and res.converged
+    with pytest.raises(ConfigError, match="deflate"):
+        fl.hutchinson_trace(model, (x, y), deflate=-1)
 
 
 def test_trace_stops_at_tolerance_and_reports_unconverged():

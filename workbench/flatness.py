@@ -447,13 +447,17 @@ class LossHessian:
         Vd = {n: c.view(V.shape[0], *s) for n, c, s in
               zip(self.names, V.to(self.device, self.dtype).split(self.sizes, dim=1), self.shapes)}
         out = None
-        with unfused_attention(self.model):
-            for (x, y), w in zip(self._data, self._weights):
-                def one(v: dict[str, torch.Tensor], x: torch.Tensor = x, y: torch.Tensor = y) -> dict:
-                    return jvp(lambda p: grad(self._loss_of)(p, x, y), (self._params,), (v,))[1]
-                hv = torch.func.vmap(one)(Vd)
-                part = w * torch.cat([hv[n].reshape(V.shape[0], -1) for n in self.names], dim=1)
-                out = part if out is None else out + part
+        try:
+            with unfused_attention(self.model):
+                for (x, y), w in zip(self._data, self._weights):
+                    def one(v: dict[str, torch.Tensor], x: torch.Tensor = x, y: torch.Tensor = y) -> dict:
+                        return jvp(lambda p: grad(self._loss_of)(p, x, y), (self._params,), (v,))[1]
+                    hv = torch.func.vmap(one)(Vd)
+                    part = w * torch.cat([hv[n].reshape(V.shape[0], -1) for n in self.names], dim=1)
+                    out = part if out is None else out + part
+        except RuntimeError as e:  # e.g. a loss whose Hessian is constant: vmap meets immutable zero tangents
+            log.debug("vectorized HVP failed (%s); looping over the vectors", e)
+            return torch.stack([self.hvp(v) for v in V])
         out = out.detach()  # type: ignore[union-attr]
         if self._dist:
             self._check_same_vector(V)
@@ -528,7 +532,7 @@ class EigenResult(_Result):
 
 @dataclass(frozen=True)
 class TraceResult(_Result):
-    """Hutchinson trace estimate ``mean(z^T H z)`` with its standard error."""
+    """Trace estimate: the exactly known deflated part plus the Hutchinson mean of the rest, with its standard error."""
 
     estimate: float
     stderr: float
@@ -537,8 +541,11 @@ class TraceResult(_Result):
     tol: float
     method: str
     seconds: float
-    samples: tuple[float, ...] = field(repr=False)
+    samples: tuple[float, ...] = field(repr=False)  # of the estimated (non-deflated) part
     per_layer: dict[str, dict[str, float]] | None = field(default=None, repr=False)
+    deflated: int = 0  # Lanczos steps whose subspace was taken exactly
+    deflated_part: float = 0.0  # the exact part of the estimate (sum of the Lanczos coefficients)
+    hvps: int = 0  # Hessian-vector products in all (deflation + probes)
 
     @property
     def rel_stderr(self) -> float:
@@ -671,14 +678,18 @@ def _power(H: LossHessian, k: int, tol: float, max_iter: int, gen: torch.Generat
 
 
 def _lanczos(H: LossHessian, v0: torch.Tensor, steps: int,
-             check: Callable[[list[float], list[float], float], bool] | None = None):
-    """Lanczos with full reorthogonalization.
+             check: Callable[[list[float], list[float], float], bool] | None = None,
+             matvec: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             on_product: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
+    """Lanczos with full reorthogonalization, on ``H.hvp`` (or on ``matvec`` when given).
 
+    ``on_product(q, A q)`` sees every product before it is orthogonalized.
     Returns ``(alphas, betas, b_last, Q)``: the tridiagonal coefficients (``len(betas) == m - 1``),
     the norm of the final residual (0 when the Krylov space is exhausted) and the basis ``Q`` (m, n).
     """
     n = H.numel
     steps = min(steps, n)
+    mv = matvec or H.hvp
     Q = torch.zeros(steps, n, device=H.device, dtype=H.dtype)
     alphas: list[float] = []
     betas: list[float] = []
@@ -686,7 +697,9 @@ def _lanczos(H: LossHessian, v0: torch.Tensor, steps: int,
     b = 0.0
     for j in range(steps):
         Q[j] = q
-        w = H.hvp(q)
+        w = mv(q)
+        if on_product is not None:
+            on_product(q, w)
         a = float(w @ q)
         alphas.append(a)
         # full reorthogonalization (twice is enough) keeps Ritz values free of ghost copies
@@ -738,56 +751,94 @@ def _lanczos_top(H: LossHessian, k: int, tol: float, max_iter: int, gen: torch.G
 
 
 def hutchinson_trace(target: LossHessian | nn.Module, data: Batch | Iterable[Batch] | None = None, *,
-                     tol: float = 0.05, min_probes: int = 10, max_probes: int = 100,
+                     tol: float = 0.05, min_probes: int = 10, max_probes: int = 100, deflate: int = 20,
                      per_layer: bool = False, scale: torch.Tensor | None = None, block: int = 1,
                      generator: torch.Generator | None = None, loss_fn: LossFn | None = None,
                      params: str | Sequence[str] | None = None, device: str | torch.device | None = None,
                      method: str | None = None, progress: bool = False) -> TraceResult:
-    """Hutchinson estimate of ``tr(H)`` (or ``sum_i s_i^2 H_ii`` with ``scale=s``) from Rademacher probes.
+    """Estimate ``tr(H)`` (or ``sum_i s_i^2 H_ii`` with ``scale=s``) from Rademacher probes, with its standard error.
 
-    Stops after ``min_probes`` once ``stderr / |estimate| < tol``, or at ``max_probes``. The standard
-    error is ``std(samples, ddof=1) / sqrt(probes)``. With ``per_layer`` each layer's diagonal block
-    trace is estimated from the same probes (``z_b^T (H z)_b``), each with its own standard error.
+    Deflation (``deflate`` > 0, the default): the variance of plain Hutchinson comes from the few
+    large outlying eigenvalues of a network Hessian. ``deflate`` Lanczos steps first build an orthonormal
+    basis ``Q`` that captures them; with ``P = Q Q^T`` the exact identity
+    ``tr(A) = tr(Q^T A Q) + tr(A (I - P))`` splits the trace into a part known exactly (the sum of the
+    Lanczos coefficients ``q_j^T A q_j``) and a remainder estimated by ``z^T A (I - P) z`` over
+    Rademacher probes ``z``, whose standard error is ``std(samples, ddof=1) / sqrt(probes)`` (given
+    ``Q``, which does not depend on the probes). Measured on a trained ``vit-micro`` (batch 128): the
+    per-probe standard deviation falls from ~1000 to ~53 for the trace and 35-fold for the sigma-weighted
+    trace, so the same standard error needs hundreds of times fewer products. ``deflate=0`` is plain
+    Hutchinson (PyHessian's ``trace``). When the Krylov space covers every direction (tiny models), the
+    trace is exact and the standard error 0.
+
+    Stops after ``min_probes`` once ``stderr / |estimate| < tol``, or at ``max_probes``. With
+    ``per_layer`` each layer's diagonal-block trace is estimated by the same split, from the same
+    products (the layers' estimates add up to the total).
 
     Args:
-        scale: optional flat vector ``s``; probes become ``s * z`` so ``E[(s z)^T H (s z)] = sum s_i^2 H_ii``.
+        deflate: Lanczos steps before the probes (their products count in ``hvps``, not in ``probes``).
+        scale: optional flat vector ``s``: the estimate is of ``tr(S H S)``, ``S = diag(s)``.
         block: probes per vectorized call (:meth:`LossHessian.hvp_many`); >1 only pays off for small models.
     Raises:
-        ConfigError: ``min_probes`` < 2 or > ``max_probes``.
+        ConfigError: ``min_probes`` < 2 or > ``max_probes``; ``deflate`` < 0; ``scale`` of the wrong shape.
     """
     if not 2 <= min_probes <= max_probes:
         raise ConfigError(f"need 2 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+    if deflate < 0:
+        raise ConfigError(f"deflate must be >= 0 (Lanczos steps; 0 = plain Hutchinson), got {deflate}")
     opts = {"loss_fn": loss_fn, "params": params, "device": device, "method": method}
     with _hessian(target, data, opts) as H:
-        t0 = time.perf_counter()
+        t0, h0 = time.perf_counter(), H.hvp_count
         if scale is not None and scale.shape != (H.numel,):
             raise ConfigError(f"scale has shape {tuple(scale.shape)}, expected ({H.numel},)")
-        s = scale.to(H.device) if scale is not None else None
+        s = scale.to(H.device, H.dtype) if scale is not None else None
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:  # A = S H S
+            return H.hvp(v) if s is None else s * H.hvp(s * v)
+
+        def matvec_many(V: torch.Tensor) -> torch.Tensor:
+            if V.shape[0] == 1:
+                return matvec(V[0])[None]
+            return H.hvp_many(V) if s is None else s * H.hvp_many(s * V)
+
         blocks = H.blocks() if per_layer else {}
+        bar = _progress(deflate + max_probes, "trace", progress)
+        exact_part, exact_layers = 0.0, {b: 0.0 for b in blocks}
+        Q = None
+        if deflate:
+            def on_product(q: torch.Tensor, aq: torch.Tensor) -> None:
+                prod = q * aq  # diag(A q q^T): its block sums are tr_b(A q q^T)
+                for b, sl in blocks.items():
+                    exact_layers[b] += float(prod[sl].sum())
+                bar.update(1)
+
+            alphas, _, _, Q = _lanczos(H, _randn(H.numel, generator, H.device, H.dtype), deflate,
+                                       matvec=matvec, on_product=on_product)
+            exact_part = float(sum(alphas))
         samples: list[float] = []
         layer_samples: dict[str, list[float]] = {b: [] for b in blocks}
         converged = False
-        bar = _progress(max_probes, "trace", progress)
         while len(samples) < max_probes:
             m = min(max(1, block), max_probes - len(samples))
             Z = torch.stack([_rademacher(H.numel, generator, H.device, H.dtype) for _ in range(m)])
-            if s is not None:
-                Z = Z * s
-            prods = Z * (H.hvp_many(Z) if m > 1 else H.hvp(Z[0])[None])
+            Zr = Z if Q is None else Z - (Z @ Q.T) @ Q  # (I - P) z
+            prods = Z * matvec_many(Zr)
             samples.extend(prods.sum(1).tolist())
             for b, sl in blocks.items():
                 layer_samples[b].extend(prods[:, sl].sum(1).tolist())
             bar.update(m)
             if len(samples) >= min_probes:
                 est, se = _mean_se(samples)
-                if se < tol * abs(est):
+                if se < tol * abs(est + exact_part):
                     converged = True
                     break
         bar.close()
         est, se = _mean_se(samples)
-        layers = {b: dict(zip(("estimate", "stderr"), _mean_se(v))) for b, v in layer_samples.items()} or None
-        return TraceResult(est, se, len(samples), converged, tol, H.method_used, time.perf_counter() - t0,
-                           tuple(samples), layers)
+        layers = {b: {"estimate": exact_layers[b] + m_, "stderr": se_}
+                  for b, (m_, se_) in ((b, _mean_se(v)) for b, v in layer_samples.items())} or None
+        return TraceResult(exact_part + est, se, len(samples), converged, tol, H.method_used,
+                           time.perf_counter() - t0, tuple(samples), layers,
+                           deflated=0 if Q is None else Q.shape[0], deflated_part=exact_part,
+                           hvps=H.hvp_count - h0)
 
 
 def _mean_se(x: Sequence[float]) -> tuple[float, float]:
@@ -898,14 +949,15 @@ def _quantized_params(H: LossHessian, w_bits: int, per_channel: bool) -> dict[st
 
 def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Iterable[Batch] | None = None, *,
                             w_bits: int = 4, per_channel: bool = True, tol: float = 0.05,
-                            min_probes: int = 10, max_probes: int = 100, block: int = 1, noise_samples: int = 8,
-                            generator: torch.Generator | None = None, loss_fn: LossFn | None = None,
+                            min_probes: int = 10, max_probes: int = 100, deflate: int = 20, block: int = 1,
+                            noise_samples: int = 8, generator: torch.Generator | None = None,
+                            loss_fn: LossFn | None = None,
                             device: str | torch.device | None = None,
                             method: str | None = None) -> QuantPrediction:
     """Predict the loss increase of weight PTQ at ``w_bits`` from curvature, and measure it.
 
-    ``sigma_trace = sum_i sigma_i^2 H_ii`` by Hutchinson on probes ``sigma * z`` over the quantized
-    (Linear/Conv) weights only; ``predicted = sigma_trace / 2``. Measured: round-to-nearest per-channel
+    ``sigma_trace = sum_i sigma_i^2 H_ii = tr(S H S)`` by (deflated, see :func:`hutchinson_trace`)
+    Hutchinson with ``S = diag(sigma)`` over the quantized (Linear/Conv) weights only; ``predicted = sigma_trace / 2``. Measured: round-to-nearest per-channel
     symmetric quantization (``quant.fake_quantize``) applied to a functional copy of the weights, and
     the mean over ``noise_samples`` draws of uniform noise with the same per-channel variance.
 
@@ -928,8 +980,8 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
     with target as H:
         t0 = time.perf_counter()
         sig = weight_sigma(H.model, H.names, w_bits, per_channel, H.device)
-        tr = hutchinson_trace(H, tol=tol, min_probes=min_probes, max_probes=max_probes, scale=sig,
-                              block=block, generator=generator)
+        tr = hutchinson_trace(H, tol=tol, min_probes=min_probes, max_probes=max_probes, deflate=deflate,
+                              scale=sig, block=block, generator=generator)
         clean_loss, clean_acc = H.loss(accuracy=True)  # type: ignore[misc]
         qparams = _quantized_params(H, w_bits, per_channel)
         quant_loss, quant_acc = H.loss(qparams, accuracy=True)  # type: ignore[misc]
@@ -1218,7 +1270,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: int | Sequence[int] = (4, 3),
                     a_bits: int | Sequence[int] | None = None,
                     trace: bool = True, eig: int = 1, density: bool = False, sharpness: bool = True,
-                    per_layer: bool = False, trace_tol: float = 0.05, max_probes: int = 30,
+                    per_layer: bool = False, trace_tol: float = 0.05, max_probes: int = 30, trace_deflate: int = 20,
                     eig_tol: float = 1e-3, eig_max_iter: int = 50, sharpness_eps: float = 0.05,
                     noise_sigma: float = 0.01, loss_fn: LossFn | None = None,
                     device: str | torch.device | None = None, seed: int = 0, compile: bool = False,  # noqa: A002
@@ -1230,10 +1282,12 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
     ``quant`` (one entry per ``w_bits``: sigma-weighted trace, predicted vs measured loss increase) and
     ``quant_act`` (one entry per ``a_bits``, if given: the same for Linear/Conv inputs).
     ``compile`` applies to the full-parameter Hessian (eigenvalues, trace, density); see :class:`LossHessian`.
+    ``trace_deflate`` Lanczos steps are taken exactly before the probes of every trace (0: plain Hutchinson).
     """
     bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
     gen = torch.Generator().manual_seed(seed)
     probes = {"min_probes": min(10, max_probes), "max_probes": max_probes}
+    deflate = {"deflate": trace_deflate}
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     with LossHessian(model, data, loss_fn=loss_fn, device=device, compile=compile) as H:
@@ -1244,7 +1298,7 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
             out["top_eigenvalues"] = top_eigenvalues(H, k=eig, tol=eig_tol, max_iter=eig_max_iter,
                                                      generator=gen).to_dict()
         if trace:
-            out["trace"] = hutchinson_trace(H, tol=trace_tol, **probes, per_layer=per_layer,
+            out["trace"] = hutchinson_trace(H, tol=trace_tol, **probes, **deflate, per_layer=per_layer,
                                             generator=gen, progress=progress).to_dict()
             out["trace"].pop("samples", None)
         if density:
@@ -1257,7 +1311,7 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
             }
         out["hvp_method"] = H.method_used
         H_data = H.batches
-    out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, **probes,
+    out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, **probes, **deflate,
                                                      generator=gen, loss_fn=loss_fn, device=device).to_dict()
                     for b in bits}
     if a_bits is not None:
