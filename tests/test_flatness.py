@@ -89,11 +89,30 @@ def test_hvp_methods_equal_exact(make):
     x, y = _data(model)
     H, _ = exact_hessian(model, x, y)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fl._CHOSEN_METHOD.clear()  # so that auto runs its timing trial here
     for method in ("fwd", "dbl", "auto"):
         with fl.LossHessian(model, (x, y), method=method) as op:
             hv1, hv2 = op.hvp(v), op.hvp(v)  # auto: the first two products use different methods
         torch.testing.assert_close(hv1, H @ v, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(hv2, H @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_auto_reuses_its_choice_for_the_same_layout_only():
+    model = _mlp()
+    x, y = _data(model)
+    fl._CHOSEN_METHOD.clear()
+    with fl.LossHessian(model, (x, y)) as op:
+        assert op.method_used == "auto"
+        v = torch.ones(op.numel, dtype=torch.float64)
+        op.hvp(v), op.hvp(v)
+        chosen = op.method_used
+    assert chosen in ("fwd", "dbl")
+    with fl.LossHessian(_mlp(), _data(model, seed=1)) as op:  # same layout and shapes: no new trial
+        assert op.method_used == chosen
+    with fl.LossHessian(model, _data(model, n=8)) as op:  # other data shapes: a new trial
+        assert op.method_used == "auto"
+    with fl.LossHessian(model, (x, y), params=["0.*"]) as op:  # other parameters: a new trial
+        assert op.method_used == "auto"
 
 
 def test_hvp_over_several_batches_is_the_sample_weighted_mean():
