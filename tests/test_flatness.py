@@ -152,6 +152,17 @@ def test_top_eigenvalues_match_exact(make):
     assert abs(pw.eigenvalues[0]) == pytest.approx(float(exact.abs().max()), rel=0.03)
 
 
+def _assert_layers_within_stderr(res, model, x, y, H) -> None:
+    """Each layer's estimated diagonal-block trace is within 4 standard errors of the exact one."""
+    with fl.LossHessian(model, (x, y)) as op:
+        blocks = op.blocks()
+    assert set(res.per_layer) == set(blocks)
+    for layer, sl in blocks.items():
+        want = float(H.diagonal()[sl].sum())
+        got = res.per_layer[layer]
+        assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+
+
 @pytest.mark.parametrize("make", MODELS)
 def test_hutchinson_trace_within_its_stderr(make):
     model = make()
@@ -165,13 +176,7 @@ def test_hutchinson_trace_within_its_stderr(make):
     assert abs(res.estimate - exact) <= 3 * res.stderr
     assert res.estimate == pytest.approx(exact, rel=0.03)
     # per-layer diagonal blocks, estimated from the same probes
-    with fl.LossHessian(model, (x, y)) as op:
-        blocks = op.blocks()
-    assert set(res.per_layer) == set(blocks)
-    for layer, sl in blocks.items():
-        want = float(H.diagonal()[sl].sum())
-        got = res.per_layer[layer]
-        assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+    _assert_layers_within_stderr(res, model, x, y, H)
 
 
 @pytest.mark.parametrize("make", MODELS)
@@ -187,12 +192,7 @@ def test_deflated_trace_within_its_stderr_per_layer_too(make):
     ev = torch.linalg.eigvalsh(H).flip(0)
     assert res.deflated_part <= float(ev[:6].sum()) + 1e-9
     assert abs(res.estimate - exact) <= 3 * res.stderr
-    with fl.LossHessian(model, (x, y)) as op:
-        blocks = op.blocks()
-    for layer, sl in blocks.items():
-        want = float(H.diagonal()[sl].sum())
-        got = res.per_layer[layer]
-        assert abs(got["estimate"] - want) <= 4 * got["stderr"] + 1e-9 * abs(want)
+    _assert_layers_within_stderr(res, model, x, y, H)
     assert sum(v["estimate"] for v in res.per_layer.values()) == pytest.approx(res.estimate, rel=1e-9)
 
 
