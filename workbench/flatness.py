@@ -819,9 +819,7 @@ def hutchinson_trace(target: LossHessian | nn.Module, data: Batch | Iterable[Bat
         def matvec(v: torch.Tensor) -> torch.Tensor:  # A = S H S
             return H.hvp(v) if s is None else s * H.hvp(s * v)
 
-        def matvec_many(V: torch.Tensor) -> torch.Tensor:
-            if V.shape[0] == 1:
-                return matvec(V[0])[None]
+        def matvec_many(V: torch.Tensor) -> torch.Tensor:  # hvp_many takes a single row through hvp
             return H.hvp_many(V) if s is None else s * H.hvp_many(s * V)
 
         blocks = H.blocks() if per_layer else {}
