@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,6 @@ import torch.multiprocessing as mp
 from workbench import cli, data, distributed, models, nbtools, train
 from workbench import flatness as fl
 from workbench.errors import ConfigError
-from workbench.methods import TrainMethod
 from workbench.precondition import MethodConfig, NoiseMethod, create_method
 from workbench.runinfo import prepare_run_dir, set_seed
 
@@ -50,9 +50,10 @@ def _bundle() -> data.DataBundle:
     return nbtools.load_data("fashion-mnist-mini", limit_train=128, limit_test=100)
 
 
-def _model(info: data.DataInfo) -> torch.nn.Module:
+def _model(info: data.DataInfo, drop_rate: float = 0.0) -> torch.nn.Module:
     set_seed(0)
-    return models.create("cnn-small", info, width=8, drop_rate=0.0)  # BatchNorm, no dropout
+    # BatchNorm; no dropout where one process is the reference (its dropout masks differ)
+    return models.create("cnn-small", info, width=8, drop_rate=drop_rate)
 
 
 class _Spy(NoiseMethod):
@@ -66,15 +67,24 @@ class _Spy(NoiseMethod):
                      "seed": h.config.seed, "bank": next(iter(h._bank.banks.values()))[:64].clone()}
 
 
-class _Interrupt(TrainMethod):
-    def __init__(self, at: int) -> None:
-        self.at, self.n = at, 0
+class _CtrlCOnRank0:
+    """Wraps a method; rank 0 alone gets a real SIGINT during step ``at`` (the ranks must agree to stop)."""
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.n = inner, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def training_step(self, model, images, labels, ctx):
         self.n += 1
-        if self.n == self.at:
-            raise KeyboardInterrupt
-        return super().training_step(model, images, labels, ctx)
+        if self.n == self.at and distributed.get_rank() == 0:
+            signal.raise_signal(signal.SIGINT)
+        return self.inner.training_step(model, images, labels, ctx)
+
+
+#: resumed on two processes with dropout on: each rank's dropout and noise streams must come back
+RESUME = {"plain": dict(method="plain"), "dnq": dict(NOISE)}
 
 
 def _hessian_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -111,27 +121,41 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = _model(bundle.info)
         r = train.fit(model, bundle, cfg, progress=False)
         res["plain"] = {"state": model.state_dict(), "history": r.history, "metrics": r.metrics}
-        # interrupted at step 6 of 8, then resumed by both ranks from rank 0's last.pt; record who writes
-        run = Path(distributed.call_on_main(lambda: prepare_run_dir(Path(out) / "run")))
-        writes: list[str] = []
-        saved = train.save_checkpoint, train.write_json, train.write_csv
+        # Ctrl-C on rank 0 during step 6 of 8, then resumed by both ranks from rank 0's last.pt;
+        # compared with the same run uninterrupted; record who writes
+        for name, mc in RESUME.items():
+            model = _model(bundle.info, drop_rate=0.2)
+            r = train.fit(model, bundle, cfg, create_method(MethodConfig(**mc)), progress=False)
+            res[f"{name}_ref"] = {"state": model.state_dict(), "history": r.history}
+            run = Path(distributed.call_on_main(lambda n=name: prepare_run_dir(Path(out) / f"run-{n}")))
+            writes: list[str] = []
+            saved = train.save_checkpoint, train.write_json, train.write_csv
 
-        def spy(fn):
-            def recorded(path, *args, **kwargs):
-                writes.append(Path(path).name)
-                return fn(path, *args, **kwargs)
-            return recorded
+            def spy(fn, writes=writes):
+                def recorded(path, *args, **kwargs):
+                    writes.append(Path(path).name)
+                    return fn(path, *args, **kwargs)
+                return recorded
 
-        train.save_checkpoint, train.write_json, train.write_csv = (spy(f) for f in saved)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                train.fit(_model(bundle.info), bundle, cfg, _Interrupt(at=6), out_dir=run, progress=False)
-            distributed.barrier()
-            model = _model(bundle.info)
-            r = train.fit(model, bundle, cfg, out_dir=run, resume=True, progress=False)
-        finally:
-            train.save_checkpoint, train.write_json, train.write_csv = saved
-        res["resumed"] = {"state": model.state_dict(), "history": r.history, "writes": writes}
+            train.save_checkpoint, train.write_json, train.write_csv = (spy(f) for f in saved)
+            try:
+                try:
+                    train.fit(_model(bundle.info, drop_rate=0.2), bundle, cfg,
+                              _CtrlCOnRank0(create_method(MethodConfig(**mc)), at=6), out_dir=run, progress=False)
+                except KeyboardInterrupt:
+                    res[f"{name}_stopped"] = True
+                distributed.barrier()
+                if rank == 0:
+                    res[f"{name}_stopped_at"] = torch.load(Path(run) / "last.pt", weights_only=True)["progress"]
+                model = _model(bundle.info, drop_rate=0.2)
+                with torch.no_grad():  # other weights: everything must come from last.pt
+                    for p in model.parameters():
+                        p.add_(1.0)
+                r = train.fit(model, bundle, cfg, create_method(MethodConfig(**mc)), out_dir=run, resume=True,
+                              progress=False)
+            finally:
+                train.save_checkpoint, train.write_json, train.write_csv = saved
+            res[f"{name}_resumed"] = {"state": model.state_dict(), "history": r.history, "writes": writes}
         # dnq: per-rank noise, shared weights, weight-noise scales and activation ranges
         method = _Spy(MethodConfig(**NOISE))
         r = train.fit(_model(bundle.info), bundle, train.TrainConfig(**{**CFG, "epochs": 1}), method,
@@ -217,13 +241,24 @@ def test_sam_and_swa_on_two_processes_are_the_one_process_methods(ranks, one_thr
     assert all(torch.equal(v, ranks[1][name][k]) for k, v in ranks[0][name].items())
 
 
-def test_resume_on_two_processes_and_only_rank_0_writes(ranks, spawned):
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_resume_on_two_processes_is_bit_identical_and_only_rank_0_writes(ranks, spawned, name):
     out = spawned["out"]
-    assert _rel_diff(ranks[0]["resumed"]["state"], ranks[0]["plain"]["state"]) < 1e-6
-    assert [r["epoch"] for r in ranks[0]["resumed"]["history"]] == [1, 2]
-    assert ranks[1]["resumed"]["writes"] == []
-    assert {"last.pt", "model.pt", "run.json", "history.json", "metrics.json"} <= set(ranks[0]["resumed"]["writes"])
-    run = json.loads((out / "run" / "run.json").read_text())
+    for rank in ranks:  # both ranks stopped (only rank 0 got the signal) and resumed to the same end
+        assert rank.get(f"{name}_stopped")
+        resumed, ref = rank[f"{name}_resumed"], rank[f"{name}_ref"]
+        for k, v in ref["state"].items():
+            assert torch.equal(resumed["state"][k], v), k
+        assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+        for a, b in zip(resumed["history"], ref["history"]):
+            assert (a["train_loss"], a["test_loss"], a["test_accuracy"]) == \
+                (b["train_loss"], b["test_loss"], b["test_accuracy"])
+    # 4 global batches an epoch: the ranks agreed to stop after step 6 = epoch 2, batch 2
+    assert ranks[0][f"{name}_stopped_at"] == {"epoch": 1, "step_in_epoch": 2, "interrupted": True}
+    assert ranks[1][f"{name}_resumed"]["writes"] == []
+    assert {"last.pt", "model.pt", "run.json", "history.json", "metrics.json"} <= \
+        set(ranks[0][f"{name}_resumed"]["writes"])
+    run = json.loads((out / f"run-{name}" / "run.json").read_text())
     assert run["distributed"] == {"world_size": 2, "backend": "gloo", "per_rank_batch_size": 16}
 
 

@@ -161,6 +161,35 @@ def test_same_seed_same_result() -> None:
     assert not torch.equal(results[0], results[2])
 
 
+@pytest.mark.parametrize("bank", [True, False])
+def test_state_dict_continues_the_exact_noise_stream(bank: bool, tmp_path) -> None:
+    # cached weight steps (w_stats_every), range EMAs, the bank, its offsets and generator:
+    # a handle loaded from the state (through a weights_only file) continues bit for bit
+    cfg = NoiseConfig(w_bits=4, a_bits=4, seed=3, a_stats_every=2, w_stats_every=3, bank=bank,
+                      bank_refresh=0.25)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 1, 28, 28, generator=g) for _ in range(9)]
+    ys = [torch.randint(0, 10, (8,), generator=g) for _ in range(9)]
+    model = small_cnn()
+    h = attach(model, cfg)
+    for x, y in zip(xs[:4], ys[:4]):
+        train_step(model, h, x, y)
+    torch.save({"noise": h.state_dict(), "weights": model.state_dict()}, tmp_path / "s.pt")
+    for x, y in zip(xs[4:], ys[4:]):
+        train_step(model, h, x, y)
+    h.remove()
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    other = small_cnn()
+    other.load_state_dict(saved["weights"])
+    h2 = attach(other, NoiseConfig(**{**cfg.to_dict(), "seed": 99}))  # the saved stream wins over the seed
+    h2.load_state_dict(saved["noise"])
+    for x, y in zip(xs[4:], ys[4:]):
+        train_step(other, h2, x, y)
+    h2.remove()
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_activation_range_is_an_ema() -> None:
     lin = nn.Linear(4, 2)
     model = nn.Sequential(lin)

@@ -1,5 +1,6 @@
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from workbench import checkpoint, models, train
 from workbench.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError
 from workbench.methods import TrainMethod
+from workbench.precondition import MethodConfig, create_method
 from workbench.runinfo import prepare_run_dir, set_seed
 
 FAST = dict(epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.2, augment=False, eval_batch_size=500, device="cpu")
@@ -94,6 +96,8 @@ def test_nan_loss_stops_with_the_step(small):
 
 
 class _Interrupt(TrainMethod):
+    """Raises KeyboardInterrupt at the start of step ``at`` (before it changes anything)."""
+
     def __init__(self, at):
         self.at, self.n = at, 0
 
@@ -104,19 +108,89 @@ class _Interrupt(TrainMethod):
         return super().training_step(model, images, labels, ctx)
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(small, tmp_path):
-    cfg = train.TrainConfig(**FAST)
-    ref = train.fit(_model(2), small, cfg, progress=False)
+class _CtrlC:
+    """Wraps a method and sends this process a real SIGINT (``times`` of them) during step ``at``,
+    like a user pressing Ctrl-C in the middle of a step."""
+
+    def __init__(self, inner, at, times=1):
+        self.inner, self.at, self.times, self.n = inner, at, times, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def training_step(self, model, images, labels, ctx):
+        self.n += 1
+        if self.n == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        return self.inner.training_step(model, images, labels, ctx)
+
+
+RESUME_METHODS = {
+    "plain": {"method": "plain"},
+    "dnq": {"method": "dnq", "w_bits": 4, "a_bits": 4, "a_stats_every": 3, "schedule": "ramp", "ramp_epochs": 1.5},
+    "swa": {"method": "swa", "swa_epochs": 2},
+}
+# cnn-small keeps its dropout (0.1) and the images are augmented: every random stream is in play
+RESUME_CFG = {**FAST, "augment": True}
+
+
+def _assert_same_run(a, b, model_a, model_b):
+    assert [r["epoch"] for r in a.history] == [r["epoch"] for r in b.history]
+    for ra, rb in zip(a.history, b.history):
+        for key in ("train_loss", "test_loss", "test_accuracy", "lr"):
+            assert ra[key] == rb[key], (ra["epoch"], key, ra[key], rb[key])
+    assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
+    assert a.metrics["test_loss"] == b.metrics["test_loss"]
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_METHODS))
+def test_ctrl_c_then_resume_is_bit_identical_to_an_uninterrupted_run(small, tmp_path, name):
+    cfg = train.TrainConfig(**RESUME_CFG)
+    ref_model = _model(2, width=8)
+    ref = train.fit(ref_model, small, cfg, create_method(MethodConfig(**RESUME_METHODS[name])), progress=False)
+    out = prepare_run_dir(tmp_path / "r")
+    inner = create_method(MethodConfig(**RESUME_METHODS[name]))
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C during step 49 = epoch 2, batch 9: it stops after it
+        train.fit(_model(2, width=8), small, cfg, _CtrlC(inner, at=49), out_dir=out, progress=False)
+    last = checkpoint.load_checkpoint(out / "last.pt")
+    assert last["progress"] == {"epoch": 1, "step_in_epoch": 9, "interrupted": True}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    model = _model(99, width=8)  # other initial weights: everything must come from last.pt
+    res = train.fit(model, small, cfg, create_method(MethodConfig(**RESUME_METHODS[name])),
+                    out_dir=prepare_run_dir(out, resume=True), resume=True, progress=False)
+    _assert_same_run(res, ref, model, ref_model)
+
+
+def test_resume_at_an_exception_raised_before_a_step(small, tmp_path):
+    # a KeyboardInterrupt raised by code (not the signal) at a step boundary also resumes exactly
+    cfg = train.TrainConfig(**RESUME_CFG)
+    ref_model = _model(3, width=8)
+    ref = train.fit(ref_model, small, cfg, progress=False)
     out = prepare_run_dir(tmp_path / "r")
     with pytest.raises(KeyboardInterrupt):
-        train.fit(_model(2), small, cfg, _Interrupt(at=49), out_dir=out, progress=False)   # epoch 2, batch 9
+        train.fit(_model(3, width=8), small, cfg, _Interrupt(at=45), out_dir=out, progress=False)
+    assert checkpoint.load_checkpoint(out / "last.pt")["progress"]["step_in_epoch"] == 4
+    model = _model(3, width=8)
+    res = train.fit(model, small, cfg, out_dir=prepare_run_dir(out, resume=True), resume=True, progress=False)
+    _assert_same_run(res, ref, model, ref_model)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(small, tmp_path):
+    cfg = train.TrainConfig(**RESUME_CFG)
+    out = prepare_run_dir(tmp_path / "r")
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(_model(2, width=8), small, cfg, _CtrlC(TrainMethod(), at=45, times=2), out_dir=out,
+                  progress=False)
     last = checkpoint.load_checkpoint(out / "last.pt")
-    assert last["progress"] == {"epoch": 1, "step_in_epoch": 8, "interrupted": True}
-    res = train.fit(_model(99), small, cfg, out_dir=prepare_run_dir(out, resume=True), resume=True, progress=False)
-    assert [r["epoch"] for r in res.history] == [1, 2]
-    # same data order and weights: the resumed run lands where the uninterrupted one did
-    assert res.metrics["test_accuracy"] == pytest.approx(ref.metrics["test_accuracy"], abs=1.0)
-    assert res.history[0]["test_loss"] == pytest.approx(ref.history[0]["test_loss"], rel=1e-5)
+    # the torn step is not saved: last.pt is still the end of epoch 1
+    assert last["progress"] == {"epoch": 1, "step_in_epoch": 0, "interrupted": False}
+    assert [r["epoch"] for r in last["extra"]["history"]] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_refuses_a_different_recipe(small, tmp_path):

@@ -231,6 +231,19 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere); ``[obj]`` in one process.
+
+    Pickled through the process group: for per-rank state of modest size (random generator
+    states, a noise bank), not for model weights.
+    """
+    if not is_distributed():
+        return [obj]
+    box: list[Any] | None = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 def call_on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and hand its result to every rank.
 

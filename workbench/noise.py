@@ -223,6 +223,34 @@ class _Bank:
         start = self.offsets.randrange(0, bank.numel() - n + 1)
         return bank[start:start + n]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next draws depend on: the banks, their cursors, the generators and the
+        offset stream. Resuming from it continues the exact sequence of noise samples."""
+        return {
+            "offsets": self.offsets.getstate(),
+            "banks": {_key_name(k): b.detach().cpu().clone() for k, b in self.banks.items()},
+            "cursor": {_key_name(k): int(c) for k, c in self.cursor.items()},
+            "generators": [(str(d), g.get_state()) for d, g in self.generators.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        version, internal, gauss = state["offsets"]
+        self.offsets.setstate((version, tuple(internal), gauss))
+        self.banks = {}
+        self.cursor = {}
+        for name, bank in state["banks"].items():
+            key = _key_from_name(name)
+            self.banks[key] = bank.to(key[0])
+            self.cursor[key] = int(state["cursor"][name])
+        # insertion order matters: a new device's generator is seeded by how many exist already
+        self.generators = {}
+        for dev, gstate in state["generators"]:
+            g = torch.Generator(device=torch.device(dev))
+            g.set_state(gstate)
+            self.generators[torch.device(dev)] = g
+
     def refresh(self) -> None:
         """Regenerate the next ``refresh_frac`` slice of every bank (rolling)."""
         for key, bank in self.banks.items():
@@ -231,6 +259,16 @@ class _Bank:
             part = bank[pos:pos + chunk]
             self._fill(part, key[0])
             self.cursor[key] = (pos + part.numel()) % bank.numel()
+
+
+def _key_name(key: tuple[torch.device, torch.dtype]) -> str:
+    # plain strings, so checkpoints stay loadable with weights_only=True
+    return f"{key[0]}|{str(key[1]).removeprefix('torch.')}"
+
+
+def _key_from_name(name: str) -> tuple[torch.device, torch.dtype]:
+    dev, dtype = name.split("|")
+    return torch.device(dev), getattr(torch, dtype)
 
 
 class _ActState:
@@ -370,15 +408,26 @@ class NoiseHandle:
     def state_dict(self) -> dict[str, Any]:
         """Running activation ranges and counters, to resume a run."""
         return {"steps": self.steps, "scale": self.scale,
-                "act": [{"calls": s.calls, "xmin": s.xmin, "xmax": s.xmax} for s in self._act]}
+                "act": [{"calls": s.calls, "xmin": s.xmin, "xmax": s.xmax} for s in self._act],
+                # the cached weight stds (refreshed every w_stats_every passes, so older than the
+                # weights) and the noise stream: without them a resumed run draws other noise
+                "sigma_w": [t.detach().cpu().clone() for t in self._sigma_w],
+                "bank": self._bank.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.scale = float(state.get("scale", 1.0))
-        for s, d in zip(self._act, state.get("act", [])):
-            s.calls, s.xmin, s.xmax = int(d["calls"]), d["xmin"], d["xmax"]
+        for s, (_, m), d in zip(self._act, self.layers, state.get("act", [])):
+            dev = m.weight.device  # checkpoints load on the CPU; the ranges live with their layer
+            s.calls = int(d["calls"])
+            s.xmin = d["xmin"].to(dev) if d["xmin"] is not None else None
+            s.xmax = d["xmax"].to(dev) if d["xmax"] is not None else None
             if s.xmin is not None and s.xmax is not None:
                 s.sigma = self._act_sigma(s.xmin, s.xmax)
+        sigma_w = state.get("sigma_w", [])
+        if len(sigma_w) == len(self._weights):
+            self._sigma_w = [t.to(w.device, w.dtype) for t, w in zip(sigma_w, self._weights)]
+        self._bank.load_state_dict(state.get("bank", {}))
 
     def __enter__(self) -> NoiseHandle:
         return self

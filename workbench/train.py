@@ -31,6 +31,7 @@ from . import distributed as wdist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .interrupt import DeferredInterrupt
 from .methods import StepContext, TrainMethod
 from .runinfo import resolve_device, run_metadata, write_csv, write_json
 
@@ -234,7 +235,10 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     )
     history: list[dict[str, Any]] = []
     start_epoch, start_batch = 0, 0
-    torch.manual_seed(seed)  # noise and dropout streams: same seed, same run
+    # noise and dropout streams: same seed, same run. A resumed run seeds alike (methods derive
+    # their noise seed from it in setup) and then puts back the generators' saved states.
+    torch.manual_seed(seed)
+    resume_state: dict[str, Any] | None = None
     if resume:
         if out is None:
             raise ConfigError("resume needs out_dir (the folder holding last.pt)")
@@ -249,7 +253,9 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
         start_epoch = ckpt["progress"]["epoch"]
         start_batch = ckpt["progress"].get("step_in_epoch", 0)
         history = list(ckpt["extra"].get("history", []))
-        torch.manual_seed(seed + 7919 * (start_epoch * steps_per_epoch + start_batch))
+        resume_state = _rank_resume_state(ckpt, world, rank)
+        if resume_state is None:  # an older checkpoint, or another number of processes
+            torch.manual_seed(seed + 7919 * (start_epoch * steps_per_epoch + start_batch))
         log.info("resuming at epoch %d, batch %d", start_epoch, start_batch)
 
     meta = run_metadata({"data": data.params, "train": cfg.to_dict(), "method": method_config,
@@ -260,38 +266,58 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     if out is not None and not resume and main:
         write_json(out / "run.json", meta)
 
+    loss_sum = torch.zeros((), device=device)  # the current epoch's summed step losses (this rank)
+    n_steps = 0
+
     def save_last(epoch: int, step_in_epoch: int, interrupted: bool) -> None:
-        if out is None or not main:
+        if out is None:
+            return
+        # every rank's own streams (dropout, noise) and partial epoch loss, so that a resume on
+        # as many processes continues bit for bit; a collective, so every rank takes part
+        states = wdist.gather_to_main(_capture_rank_state(method, gen, device, loss_sum, n_steps))
+        if not main:
             return
         save_checkpoint(out / "last.pt", model, data_info=data.info.to_dict(), train_config=cfg.to_dict(),
                         method_config=method_config, metrics=history[-1] if history else {},
                         progress={"epoch": epoch, "step_in_epoch": step_in_epoch, "interrupted": interrupted},
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        method_state=method.state_dict(), extra={"history": history})
+                        method_state=states[0]["method"], extra={"history": history, "rank_states": states})
 
     bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress and main)
     model.train()
     method.setup(model, ctx)
     epoch, step_in_epoch = start_epoch, start_batch
+    resume_at = (start_epoch, start_batch)  # the last step boundary: where a saved run continues
     shard = world > 1
     ddp_scope = contextlib.ExitStack()  # global-batch BatchNorm while training under DDP
     train_model = model  # what training_step runs: the DDP wrapper under several processes
+    # Ctrl-C stops between two steps; several processes agree on the step (one small all-reduce)
+    interrupt = DeferredInterrupt(sync=(lambda flag: wdist.all_reduce_values([flag], "max")[0] > 0)
+                                  if world > 1 else None)
     try:
-        if resume and "method_state" in ckpt:
-            method.load_state_dict(ckpt["method_state"])
+        interrupt.__enter__()
+        if resume_state is not None:
+            method.load_state_dict(resume_state["method"])
+            _restore_rank_state(resume_state, gen, device)
+            loss_sum.fill_(resume_state["loss_sum"].item())
+            n_steps = int(resume_state["n_steps"])
+        elif resume and "method_state" in ckpt:  # rank 0's; its noise stream must not be every rank's
+            method.load_state_dict({k: v for k, v in ckpt["method_state"].items() if k != "bank"})
         if world > 1:
             train_model = _wrap_ddp(model, device, ddp_scope)
         for epoch in range(start_epoch, cfg.epochs):
             method.on_epoch_start(model, epoch)
             model.train()
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            n_steps = 0
             first = start_batch if epoch == start_epoch else 0
+            if epoch != start_epoch or resume_state is None:
+                loss_sum.zero_()
+                n_steps = 0
             step_in_epoch = first
             for x, y in batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                 device=device, seed=cfg.seed, epoch=epoch, drop_last=True, start_batch=first,
                                 rank=rank, world_size=world):
+                interrupt.check()  # a step boundary: everything saved here resumes exactly
                 loss = method.training_step(train_model, x, y, ctx)
                 if not torch.isfinite(loss):
                     gstep = epoch * steps_per_epoch + step_in_epoch
@@ -303,6 +329,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
                 loss_sum += loss
                 n_steps += 1
                 step_in_epoch += 1
+                resume_at = (epoch, step_in_epoch)
                 bar.update(1)
                 if n_steps % 10 == 0:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
@@ -327,16 +354,26 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             for cb in callbacks if main else ():
                 cb(row)
             step_in_epoch = 0
+            loss_sum.zero_()
+            n_steps = 0
+            resume_at = (epoch + 1, 0)
             save_last(epoch + 1, 0, interrupted=False)
+            interrupt.check()  # asked during the evaluation: stop here, at the epoch's checkpoint
         ddp_scope.close()  # plain BatchNorm again: SWA recomputes statistics on the whole set on every rank
         method.finalize(model, ctx)
     except KeyboardInterrupt:
-        save_last(epoch, step_in_epoch, interrupted=True)
+        if interrupt.torn:  # stopped inside a step: keep the last consistent last.pt
+            if main:
+                log.warning("stopped inside a step: %s is the last consistent state; continue with resume",
+                            out / "last.pt" if out else "nothing")
+        else:
+            save_last(*resume_at, interrupted=True)
+            if main:
+                log.warning("interrupted: saved %s; continue with resume", out / "last.pt" if out else "nothing")
         bar.close()
-        if main:
-            log.warning("interrupted: saved %s; continue with resume", out / "last.pt" if out else "nothing")
         raise
     finally:
+        interrupt.__exit__(None, None, None)
         ddp_scope.close()
         del train_model  # the DDP wrapper (and its gradient hooks) goes with it
         method.teardown(model)
@@ -387,6 +424,35 @@ def _wrap_ddp(model: nn.Module, device: torch.device, scope: contextlib.ExitStac
     log.info("DistributedDataParallel over %d processes (%s), %d BatchNorm layer(s) on global-batch statistics",
              wdist.get_world_size(), wdist.get_backend(), n_bn)
     return ddp
+
+
+def _capture_rank_state(method: TrainMethod, gen: torch.Generator, device: torch.device,
+                        loss_sum: torch.Tensor, n_steps: int) -> dict[str, Any]:
+    """What one rank needs, beyond the shared weights and optimizer, to continue bit for bit."""
+    state = {"torch_rng": torch.get_rng_state(), "generator": gen.get_state(),
+             "method": method.state_dict(), "loss_sum": loss_sum.detach().cpu().clone(), "n_steps": n_steps}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _rank_resume_state(ckpt: dict[str, Any], world: int, rank: int) -> dict[str, Any] | None:
+    states = ckpt.get("extra", {}).get("rank_states")
+    if not states:
+        log.warning("last.pt predates exact resume: the run continues with fresh random streams")
+        return None
+    if len(states) != world:
+        log.warning("last.pt was written by %d process(es), this run has %d: the data shards and random "
+                    "streams differ, so the run continues equivalently but not bit for bit", len(states), world)
+        return None
+    return states[rank]
+
+
+def _restore_rank_state(state: dict[str, Any], gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    gen.set_state(state["generator"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module) -> None:
