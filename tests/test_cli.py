@@ -74,3 +74,183 @@ def test_flatness_json(tmp_path, capsys):
     assert len(rep["landscape"]["alphas"]) == 5 and rep["samples"] == 64
     # the landscape's centre is the model's own loss on the same images
     assert rep["landscape"]["losses"][2] == pytest.approx(rep["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: one line saying what to do, exit code 2, nothing created in --out
+
+
+def _one_line_error(err: str, command: str) -> str:
+    """The error line of a refused command; there is no traceback."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith(f"workbench {command}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture()
+def tiny_ckpt(tmp_path):
+    from workbench import data, models
+    from workbench.checkpoint import save_checkpoint
+
+    m = models.create("cnn-small", num_classes=10, in_chans=1, img_size=8, width=4)
+    return save_checkpoint(tmp_path / "c.pt", m, data_info=data.load("digits").info.to_dict())
+
+
+def test_train_refuses_unknown_or_absent_devices(capsys, tmp_path):
+    import torch
+
+    out = tmp_path / "x"
+    assert cli.main(["train", "--data", "digits", "--device", "tpu", "--out", str(out)]) == 2
+    line = _one_line_error(capsys.readouterr().err, "train")
+    assert "unknown device 'tpu'" in line and "cpu" in line and "cuda:N" in line
+    # a device this machine does not have is refused as clearly
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    assert cli.main(["train", "--data", "digits", "--device", absent, "--out", str(out)]) == 2
+    assert "use --device cpu or auto" in _one_line_error(capsys.readouterr().err, "train") or torch.cuda.is_available()
+    assert not out.exists()  # nothing created before the check
+
+
+def test_resolve_device_is_the_one_check(tiny_ckpt, capsys):
+    import torch
+
+    from workbench.errors import ConfigError
+    from workbench.runinfo import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    assert resolve_device("auto") == resolve_device(None)
+    for bad in ("tpu", "gpu", "cuda:x", "cpu:3", ""):
+        with pytest.raises(ConfigError, match="cpu"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda:0")
+    # eval, flatness and ptq share it
+    for argv in (["eval", str(tiny_ckpt)], ["flatness", str(tiny_ckpt)], ["ptq", str(tiny_ckpt)]):
+        assert cli.main([*argv, "--device", "tpu"]) == 2
+        assert "unknown device 'tpu'" in _one_line_error(capsys.readouterr().err, argv[0])
+
+
+@pytest.mark.parametrize("val_size, words", [
+    ("2.0", "neither a fraction below 1 nor a whole count"),
+    ("1.5", "neither a fraction below 1 nor a whole count"),
+    ("-3", "negative"),
+    ("1437", "the training set has 1437 images"),
+    ("5000", "1 to 1436"),
+    ("ten", "not a number"),
+])
+def test_train_refuses_bad_val_size(val_size, words, capsys, tmp_path):
+    out = tmp_path / "x"
+    assert cli.main(["train", "--data", "digits", "--val-size", val_size, "--out", str(out)]) == 2
+    assert words in _one_line_error(capsys.readouterr().err, "train")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--eig", "0", "--eig 0 is out of range: use an integer >= 1"),
+    ("--max-probes", "0", "--max-probes 0 is out of range"),
+    ("--max-probes", "1", "a standard error needs two probes"),
+    ("--n-samples", "0", "--n-samples 0 is out of range"),
+    ("--batch-size", "0", "--batch-size 0 is out of range"),
+    ("--deflate", "-1", "--deflate -1 is out of range"),
+    ("--span", "0", "--span 0.0 is out of range"),
+    ("--tol", "0", "--tol 0.0 is out of range"),
+    ("--wbits", "99", "out of range: use 2 to 16 bits"),
+])
+def test_flatness_refuses_nonsensical_counts(flag, value, words, tiny_ckpt, capsys):
+    assert cli.main(["flatness", str(tiny_ckpt), flag, value]) == 2
+    assert words in _one_line_error(capsys.readouterr().err, "flatness")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--bits", "99"], "w_bits=99 is out of range: use 2 to 16 bits, or 32"),
+    (["--bits", "W4A64"], "a_bits=64 is out of range"),
+    (["--wbits", "40"], "wbits=40 is out of range"),
+    (["--abits", "1"], "abits=1 is out of range"),
+])
+def test_ptq_bits_out_of_range(argv, words, tiny_ckpt, capsys):
+    assert cli.main(["ptq", str(tiny_ckpt), *argv]) == 2
+    line = _one_line_error(capsys.readouterr().err, "ptq")
+    assert words in line and "nothing to sweep" not in line
+    # 32 alone still means 'float only': nothing to sweep beyond the float row
+    assert cli.main(["ptq", str(tiny_ckpt), "--bits", "32"]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err
+
+
+def test_eval_val_split_without_a_recorded_one_says_so(tiny_ckpt, capsys):
+    assert cli.main(["eval", str(tiny_ckpt), "--split", "val"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "eval")
+    assert "no validation split" in line and "--val-size" in line
+
+
+# ---------------------------------------------------------------------------------------
+# train flags reach the run
+
+
+TINY = ["--data", "digits", "--model", "cnn-small", "--model-arg", "width=4", "--no-progress"]
+
+
+def test_train_flags_reach_the_run_and_eval_reloads_its_splits(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--method", "wnoise", "--bits", "W4A8", "--noise-mult", "0.5",
+                     "--method-arg", "ramp_epochs=0.5", "--method-arg", "schedule=ramp", "--val-size", "200",
+                     "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    run = json.loads((out / "run.json").read_text())
+    method = run["params"]["method"]
+    assert method["method"] == "wnoise" and (method["w_bits"], method["a_bits"]) == (4, 8)
+    assert method["noise_mult"] == 0.5 and method["ramp_epochs"] == 0.5 and method["schedule"] == "ramp"
+    assert run["params"]["data"]["val_size"] == 200
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["method_config"] == method
+    # --val-size: a validation split was held out and judged every epoch
+    history = json.loads((out / "history.json").read_text())
+    assert "val_accuracy" in history[-1] and "val_accuracy" in res and "val_loss" in res
+
+    # eval reloads the run's own splits: val is the held-out 200 images, train the other 1,237
+    assert cli.main(["eval", str(out / "model.pt"), "--split", "val", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n"] == 200 and ev["accuracy"] == pytest.approx(res["val_accuracy"], abs=1e-9)
+    assert ev["loss"] == pytest.approx(res["val_loss"], rel=1e-5)
+    assert cli.main(["eval", str(out / "model.pt"), "--split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1437 - 200
+    assert cli.main(["eval", str(out / "model.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-9)
+
+
+def test_ctrl_c_exits_130_and_resume_through_the_cli_finishes(tmp_path, capsys):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    # SAM (two passes a step) with its --rho: ~0.3 s epochs on digits, long enough to interrupt
+    argv = [sys.executable, "-m", "workbench.cli", "train", *TINY, "--epochs", "5", "--method", "sam",
+            "--rho", "0.07", "--out", str(out)]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        # a shell may start background jobs with SIGINT ignored; the child must see Ctrl-C as a user would
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err_file,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "last.pt").exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # last.pt appears after the first epoch
+            assert p.poll() is None, err_path.read_text()
+            p.send_signal(signal.SIGINT)
+            rc = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    err = err_path.read_text()
+    assert rc == cli.EXIT_INTERRUPTED == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert (out / "last.pt").is_file() and not (out / "model.pt").exists()
+    # the same command plus --resume finishes the run (in this process: the signal needed a real one)
+    assert cli.main([*argv[3:], "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 5
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    run = json.loads((out / "run.json").read_text())
+    assert run["params"]["method"]["method"] == "sam" and run["params"]["method"]["rho"] == 0.07

@@ -129,8 +129,27 @@ def test_augment_is_a_shifted_or_flipped_copy(mini):
         assert found
 
 
+def test_val_count_semantics():
+    # a value in (0, 1) is a fraction (at least one image); a whole number >= 1 is a count
+    assert data.val_count(0, 100) == 0 and data.val_count(0.0, 100) == 0
+    assert data.val_count(0.25, 100) == 25 and data.val_count(0.001, 100) == 1
+    assert data.val_count(30, 100) == 30 and data.val_count(30.0, 100) == 30  # e.g. from JSON
+    assert data.val_count(99, 100) == 99
+    for bad, words in [(1.5, "neither a fraction"), (2.5, "neither a fraction"), (-1, "negative"),
+                       (-0.1, "negative"), (100, "leave none"), (250, "leave none"), (0.999, "leave none"),
+                       (float("nan"), "must be a number"), ("10", "must be a number"), (True, "must be a number")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            data.val_count(bad, 100)
+        # every message gives the training set size and the valid range
+        assert "100 images" in str(e.value) and "1 to 99" in str(e.value), bad
+
+
 def test_bad_parameters():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="the training set has 10000 images"):
         data.load("fashion-mnist-mini", val_size=20000)
+    with pytest.raises(ConfigError, match="neither a fraction"):
+        data.load("fashion-mnist-mini", val_size=2.5)
+    with pytest.raises(ConfigError, match="negative"):
+        data.load("fashion-mnist-mini", val_size=-5)
     with pytest.raises(ConfigError):
         data.load("fashion-mnist-mini", n_calib=-1)

@@ -88,13 +88,25 @@ def test_aqe_rows_and_ratio() -> None:
 def test_vit_with_attention_sites() -> None:
     model = tiny_vit()
     model.train()
-    rows = measure(model, calib(), 6, 6, include_attention=True, max_samples=5000)
+    attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attn) == 2
+    # one module fused (as timm picks on machines with the fused kernel), one not: each gets its own back
+    attn[0].fused_attn, attn[1].fused_attn = True, False
+    during: list[bool] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: during.append(mod.fused_attn)) for m in attn]
+    try:
+        rows = measure(model, calib(), 6, 6, include_attention=True, max_samples=5000)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the softmax output is only observable on the unfused path (through attn_drop): it ran unfused
+    assert during and not any(during)
     sites = {r["site"] for r in rows}
     assert {"weight", "input", "q", "k", "v", "attn"} <= sites
     names = {r["layer"] for r in rows}
     assert {"blocks.0.attn.q", "blocks.1.attn.attn", "blocks.0.attn.qkv", "head"} <= names
     assert model.training  # mode restored
-    assert all(m.fused_attn == m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    assert [m.fused_attn for m in attn] == [True, False]  # each module's setting restored
     attn_row = next(r for r in rows if r["layer"] == "blocks.0.attn.attn")
     assert attn_row["numel"] == 3 * 16 * 2 * 17 * 17  # batches x B x heads x tokens x tokens
     no_attn = measure(model, calib(), None, 6)

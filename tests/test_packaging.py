@@ -3,10 +3,19 @@
 import re
 from pathlib import Path
 
-import tomllib
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    """pyproject.toml's ``[project]`` table."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the tomli backport, or skip
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def _name(req: str) -> str:
@@ -14,7 +23,7 @@ def _name(req: str) -> str:
 
 
 def test_environment_yml_matches_pyproject():
-    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    py = _pyproject()
     wanted = {_name(r) for r in py["dependencies"]}
     for extra in ("dev", "onnx"):
         wanted |= {_name(r) for r in py["optional-dependencies"][extra]}
@@ -26,7 +35,7 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_console_script_and_layout():
-    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    py = _pyproject()
     assert py["scripts"]["workbench"] == "workbench.cli:main"
     for d in ("notebooks", "workbench", "data", "tests", "benchmarks", ".ci"):
         assert (ROOT / d).is_dir(), d

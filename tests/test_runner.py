@@ -113,6 +113,61 @@ def test_run_checks_names_before_touching_the_folder(nbdir: Path, tmp_path: Path
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
+def test_run_through_the_cli_exit_code_stop_on_error_and_notebook(nbdir: Path, tmp_path: Path, capsys) -> None:
+    from workbench import cli
+
+    first, second = str(nbdir / "00_first.ipynb"), str(nbdir / "01_second.ipynb")
+    common = ["--no-progress", "--no-html", "--notebook", first, "--notebook", second]
+    # a failing notebook: exit 8, and the rest still runs
+    assert cli.main(["run", "--out", str(tmp_path / "a"), *common, "-p", "fail=True"]) == 8
+    assert "2 failed" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "a" / "summary.json").read_text())) == 2
+    # --stop-on-error: the first failure ends the run
+    assert cli.main(["run", "--out", str(tmp_path / "b"), *common, "-p", "fail=True", "--stop-on-error"]) == 8
+    rows = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [r["notebook"] for r in rows] == ["00_first"]
+    assert not (tmp_path / "b" / "executed" / "01_second.ipynb").exists()
+    capsys.readouterr()
+    # --notebook picks one; success is exit 0 and --json prints the result
+    assert cli.main(["run", "--out", str(tmp_path / "c"), "--no-progress", "--no-html", "--notebook", second,
+                     "-p", "x=7", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["notebook"] for r in res["notebooks"]] == ["01_second"] and not res["failed"]
+    assert json.loads((tmp_path / "c" / "results" / "01_second" / "facts.json").read_text())[0]["x"] == 7
+
+
+def test_relative_paths_mean_what_they_mean_where_the_command_was_typed(tmp_path: Path, monkeypatch) -> None:
+    # papermill runs a notebook in its own folder; relative paths given to `workbench run` must not follow
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_nb(nbs / "00_paths.ipynb", "ckpt_dir = None\nout_dir = None",
+              "from workbench import nbtools as nbt\nfrom pathlib import Path\n"
+              "out = nbt.start('00_paths', dict(ckpt_dir=ckpt_dir, out_dir=out_dir))\n"
+              "nbt.save_summary(out, [{'ckpt_dir': ckpt_dir, 'exists': Path(ckpt_dir).is_dir()}])")
+    shell = tmp_path / "shell"
+    (shell / "ckpts").mkdir(parents=True)
+    monkeypatch.chdir(shell)
+    res = runner.run_notebooks("rel-out", folder=nbs, params={"ckpt_dir": "ckpts"}, progress=False, html=False)
+    assert not res["failed"], res["failed"]
+    assert Path(res["out"]) == shell / "rel-out"
+    row = json.loads((shell / "rel-out" / "results" / "00_paths" / "summary.json").read_text())[0]
+    assert row == {"ckpt_dir": str(shell / "ckpts"), "exists": True}
+    assert not (nbs / "rel-out").exists()
+
+
+def test_notebook_parameter_values_are_checked_before_anything_runs(tmp_path: Path, capsys) -> None:
+    from workbench import cli
+
+    for bad, says in ((["-p", "epochs=-1"], "epochs=-1"), (["-p", "methods=[plain,dnqq]"], "dnqq"),
+                      (["-p", "bits=[4,99]"], "out of range"), (["-p", "data=fashion-mnst"], "fashion-mnist"),
+                      (["-p", "limit_train=-5"], "limit_train"), (["-p", "device=tpu"], "tpu")):
+        out = tmp_path / "x"
+        assert cli.main(["run", "--out", str(out), "--no-progress", *bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists()  # refused before the folder was made or any notebook started
+
+
 def test_sweep_runs_grid_in_processes_and_lists_failures(nbdir: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"notebook: {nbdir / '00_first.ipynb'}\nparameters: {{x: 3}}\n"
@@ -236,3 +291,14 @@ def test_clean_notebook_keeps_only_checked_outputs(tmp_path: Path) -> None:
     bare = _write_nb(tmp_path / "bare.ipynb", "x = 1", "# NBVAL_CHECK_OUTPUT\nprint(x)")
     with pytest.raises(ConfigError, match="no usable output"):
         runner.clean_notebook(bare)
+
+
+def test_absolute_paths_only_touch_path_parameters(tmp_path: Path) -> None:
+    from workbench.nbparams import absolute_paths
+
+    got = absolute_paths({"ckpt_dir": "a/../b", "results_dir": str(tmp_path / "abs"), "out_dir": None,
+                          "data": "imagefolder:imgs", "model": "vit-micro", "methods": ["plain"], "label": "x/y"},
+                         cwd=tmp_path)
+    assert got == {"ckpt_dir": str(tmp_path / "b"), "results_dir": str(tmp_path / "abs"), "out_dir": None,
+                   "data": f"imagefolder:{tmp_path / 'imgs'}", "model": "vit-micro", "methods": ["plain"],
+                   "label": "x/y"}

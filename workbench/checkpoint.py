@@ -8,6 +8,7 @@ Writes are atomic (temporary file + rename).
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,35 @@ def check_compatible(ckpt: dict[str, Any], model: nn.Module, source: str = "chec
         if bad:
             parts.append(f"shape mismatches {bad[:5]}")
         raise CheckpointError(f"{source} does not fit this architecture: " + "; ".join(parts))
+
+
+def recorded_data_params(path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`workbench.data.load` arguments the run that wrote ``ckpt`` used.
+
+    ``workbench train`` (:func:`workbench.train.fit`) records them in ``run.json`` beside its
+    checkpoints (``params.data``: name, seed, n_calib, val_size). Reloading with them gives the
+    run's own splits: ``val`` is the held-out set and ``train`` excludes it. Without a matching
+    ``run.json`` (a checkpoint copied elsewhere, or written by :func:`save_checkpoint` directly)
+    this falls back to the checkpoint's dataset name and training seed, with no ``val`` split.
+
+    Returns:
+        A dict with ``name`` (None when unknown), ``seed``, ``val_size`` and, when recorded,
+        ``n_calib``; and ``source``: the file the values came from.
+    """
+    path = Path(path)
+    name = ckpt.get("data_info", {}).get("name")
+    out: dict[str, Any] = {"name": name, "seed": ckpt.get("train_config", {}).get("seed", 0), "val_size": 0,
+                           "source": str(path)}
+    run_json = path.parent / "run.json"
+    try:
+        recorded = json.loads(run_json.read_text())["params"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return out
+    # a run.json of another run (e.g. the checkpoint was copied into a foreign folder) is ignored
+    if not isinstance(recorded, dict) or recorded.get("name") != name:
+        return out
+    out.update({k: recorded[k] for k in ("seed", "n_calib", "val_size") if k in recorded}, source=str(run_json))
+    return out
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,8 @@ log = logging.getLogger("workbench")
 
 EXIT_CODES: dict[type, int] = {ConfigError: 2, DataError: 3, ModelError: 4, CheckpointError: 5,
                                RunDirError: 6, TrainingDivergedError: 7, NotebookError: 8}
+#: ``workbench train`` stopped by Ctrl-C (SIGINT) after saving ``last.pt``: 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -62,6 +65,34 @@ def parse_kv(items: Sequence[str] | None, what: str = "-p") -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k.strip().replace("-", "_")] = v
     return out
+
+
+def parse_val_size(text: str | int | float) -> int | float:
+    """``--val-size``: ``200`` (a count) or ``0.1`` (a fraction); :func:`workbench.data.val_count`
+    checks the range against the training set size.
+
+    A decimal such as ``2.0`` or ``1.5`` is refused: on the command line it is most likely a
+    mistyped fraction, and a count is written without a decimal point.
+
+    Raises:
+        ConfigError: not a number, or a decimal >= 1.
+    """
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+    except ValueError:
+        raise ConfigError(f"--val-size {text!r} is not a number: give a count of images such as 200 or a "
+                          "fraction such as 0.1") from None
+    if value >= 1:
+        raise ConfigError(f"--val-size {text} is neither a fraction below 1 nor a whole count: give a fraction "
+                          f"such as 0.1, or a number of images without a decimal point such as {int(value)}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +160,7 @@ def build_method(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; under ``torchrun --nproc-per-node N`` every process runs this and trains data-parallel."""
     from . import data, distributed, models
-    from .runinfo import prepare_run_dir, set_seed
+    from .runinfo import prepare_run_dir, resolve_device, set_seed
     from .train import TrainConfig, fit
 
     cfg_kw = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
@@ -138,7 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg_kw = {**models.default_recipe(args.model), **{k: v for k, v in cfg_kw.items() if v is not None}}
     cfg_kw.update(parse_kv(args.train_arg, "--train-arg"))
     cfg = TrainConfig.from_dict(cfg_kw)
-    bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=args.val_size)
+    resolve_device(cfg.device)  # an unknown or absent device fails here, before --out is touched
+    bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=parse_val_size(args.val_size))
     method, method_cfg = build_method(args)
     set_seed(cfg.seed)  # the same initial weights on every rank
     model = models.create(args.model, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
@@ -159,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if main:
                 print(f"interrupted: progress saved in {out / 'last.pt'}; continue with the same command plus "
                       "--resume", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
     finally:
         distributed.cleanup()
     if not main:
@@ -176,21 +208,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import data
-    from .checkpoint import load_model
+    from .checkpoint import load_model, recorded_data_params
     from .runinfo import resolve_device
     from .train import evaluate_split
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
-    name = args.data or ckpt["data_info"].get("name")
+    # the run's own splits (seed, held-out val), as recorded in its run.json
+    recorded = recorded_data_params(args.checkpoint, ckpt)
+    name = args.data or recorded["name"]
     if not name:
         raise ConfigError("the checkpoint does not record its dataset; pass --data NAME")
-    bundle = data.load(name, data_dir=args.data_dir, seed=ckpt.get("train_config", {}).get("seed", 0))
+    same = name == recorded["name"]
+    val_size = recorded["val_size"] if same else 0
+    if args.split == "val" and not val_size:
+        raise ConfigError(f"no validation split to evaluate: {recorded['source']} records no val_size for "
+                          f"{name} (train with --val-size N to hold one out), or use --split test")
+    bundle = data.load(name, data_dir=args.data_dir, seed=recorded["seed"], val_size=val_size,
+                       **({"n_calib": recorded["n_calib"]} if same and "n_calib" in recorded else {}))
     if bundle.info.num_classes != ckpt["model_spec"]["num_classes"]:
         raise CheckpointError(f"the checkpoint has {ckpt['model_spec']['num_classes']} classes but {name} has "
                               f"{bundle.info.num_classes}")
     res = evaluate_split(model, bundle, args.split, device=device)
-    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, model=ckpt["model_spec"]["name"],
+    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, val_size=val_size,
+               model=ckpt["model_spec"]["name"],
                method=ckpt.get("method_config", {}).get("method", "plain"))
     emit(res, args.json, f"{res['model']} ({res['method']}) on {name}/{args.split}: accuracy {res['accuracy']:.2f}%, "
          f"loss {res['loss']:.4f} ({res['n']} images)")
@@ -227,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (optionally with a pre-conditioning method)")
     t.add_argument("--data", default="fashion-mnist-mini")
     t.add_argument("--data-dir", default=None)
-    t.add_argument("--val-size", type=float, default=0, help="hold out this many (or this fraction of) training images")
+    t.add_argument("--val-size", default="0", metavar="N|FRACTION",
+                   help="hold out N training images (a whole number) or this fraction of them (below 1) "
+                   "as a validation split")
     t.add_argument("--model", default="vit-micro")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture override, repeatable")
     t.add_argument("--epochs", type=int, default=None)
@@ -237,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default=None)
     t.add_argument("--train-arg", action="append", metavar="KEY=VALUE", help="any TrainConfig field, repeatable")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    t.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument("--method", default="plain", help="plain, wnoise, anoise, dnq, uniform, sam, swa")
     t.add_argument("--bits", default=None, help="target precision of the noise: W[,A], e.g. 4 or 4,8 or W4A8")
     t.add_argument("--noise-mult", type=float, default=None, help="noise multiplier k (sigma = k * step / sqrt(12))")
@@ -254,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="default: the checkpoint's dataset")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--split", default="test", choices=["train", "test", "calib", "val"])
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     add_json(e)
 
     for module, adder, _runner in PLUGGED_COMMANDS:

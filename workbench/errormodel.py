@@ -148,7 +148,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if all(hasattr(m, a) for a in need)]
 
 
-def _attach_observers(model: nn.Module, layers: list[tuple[str, nn.Module]], include_attention: bool,
+def _attach_observers(model: nn.Module, layers: list[tuple[str, nn.Module]], include_attention: bool | None,
                       per_batch: int, gen: torch.Generator) -> tuple[dict[str, tuple[str, _Observer]], list, list]:
     obs: dict[str, tuple[str, _Observer]] = {}
     hooks: list[Any] = []
@@ -156,10 +156,12 @@ def _attach_observers(model: nn.Module, layers: list[tuple[str, nn.Module]], inc
     for name, m in layers:
         o = obs.setdefault(name, ("input", _Observer(per_batch, gen)))[1]
         hooks.append(m.register_forward_pre_hook(lambda mod, args, o=o: o(args[0]) if args else None))
-    if include_attention:
-        attn = _attention_modules(model)
-        if not attn:
-            raise ModelError(f"include_attention=True but {type(model).__name__} has no timm Attention module")
+    # None: the attention matmuls where the model has them (ViTs), none elsewhere (CNNs)
+    attn = _attention_modules(model) if include_attention is not False else []
+    if include_attention and not attn:
+        raise ModelError(f"include_attention=True but {type(model).__name__} has no timm Attention module; "
+                         "use include_attention=None (where present) or False")
+    if attn:
         for name, m in attn:
             fused.append((m, m.fused_attn))
             m.fused_attn = False  # the unfused path runs the softmax through attn_drop
@@ -222,7 +224,7 @@ def _check_bits(w_bits: int | None, a_bits: int | None) -> None:
 
 
 def measure(model: nn.Module, batches: Iterable[Any], w_bits: int | None, a_bits: int | None, *,
-            include_attention: bool = False, max_batches: int = 4, max_samples: int = 100_000,
+            include_attention: bool | None = False, max_batches: int = 4, max_samples: int = 100_000,
             include: tuple[str, ...] = ("*",), exclude: tuple[str, ...] = (), seed: int = 0) -> list[dict[str, Any]]:
     """Measure WQE and AQE per layer; one tidy row per (layer, kind). See the module docstring.
 
@@ -230,7 +232,8 @@ def measure(model: nn.Module, batches: Iterable[Any], w_bits: int | None, a_bits
         model: any model with Linear/Conv layers; measured in eval mode (its mode is restored).
         batches: calibration batches, ``(images, labels)`` or images (moved to the model's device).
         w_bits, a_bits: target bits (2..16); ``None`` skips that kind.
-        include_attention: also the attention matmul inputs of timm ViTs (``q, k, v, attn``).
+        include_attention: also the attention matmul inputs of timm ViTs (``q, k, v, attn``);
+            ``None``: where the model has attention modules, ``True`` refuses a model without.
         max_batches: calibration batches used (AQE only; WQE needs no data).
         max_samples: elements per row used for the statistics.
         include, exclude: fnmatch patterns on layer names.

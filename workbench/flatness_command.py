@@ -38,13 +38,37 @@ def add_flatness_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     add_json(p)
 
 
-def _bits(text: str | None) -> list[int] | None:
+def _bits(text: str | None, flag: str = "--wbits") -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(b) for b in str(text).split(",") if b.strip()]
+        bits = [int(b) for b in str(text).split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"cannot read bit widths from {text!r}: write e.g. 4,3") from None
+        raise ConfigError(f"{flag}: cannot read bit widths from {text!r}: write e.g. 4,3") from None
+    from .quant import check_bits
+
+    return [check_bits(b, flag) for b in bits]
+
+
+def check_args(args: Any) -> None:
+    """Refuse nonsensical counts and ranges up front, naming the flag and its valid range.
+
+    Raises:
+        ConfigError: the first bad flag.
+    """
+    mins = (("--eig", "eig", 1, "omit --eig for no eigenvalues"),
+            ("--n-samples", "n_samples", 1, None), ("--batch-size", "batch_size", 1, None),
+            ("--max-probes", "max_probes", 2, "a standard error needs two probes"),
+            ("--deflate", "deflate", 0, "0 = plain Hutchinson"),
+            ("--steps", "steps", 1, "omit --steps for the default grid"))
+    for flag, attr, low, hint in mins:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value} is out of range: use an integer >= {low}" + (f" ({hint})" if hint else ""))
+    if not args.span > 0:
+        raise ConfigError(f"--span {args.span} is out of range: use a number > 0 (alpha runs over [-span, span])")
+    if not args.tol > 0:
+        raise ConfigError(f"--tol {args.tol} is out of range: use a relative standard error > 0, e.g. 0.05")
 
 
 def run_flatness_command(args: Any) -> int:
@@ -52,22 +76,26 @@ def run_flatness_command(args: Any) -> int:
     import torch
 
     from . import data
-    from .checkpoint import load_model
+    from .checkpoint import load_model, recorded_data_params
     from .flatness import flatness_report
     from .landscape import landscape_1d, landscape_2d
     from .runinfo import _json_default, resolve_device
 
+    check_args(args)
+    w_bits, a_bits = _bits(args.wbits, "--wbits") or [4], _bits(args.abits, "--abits")
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
-    name = ckpt["data_info"].get("name")
+    # the run's own training images: the held-out val split (if any) is not among them
+    recorded = recorded_data_params(args.checkpoint, ckpt)
+    name = recorded["name"]
     if not name:
         raise ConfigError("the checkpoint does not record its dataset")
-    seed = ckpt.get("train_config", {}).get("seed", 0)
-    bundle = data.load(name, data_dir=args.data_dir, seed=seed, n_calib=args.n_samples)
+    bundle = data.load(name, data_dir=args.data_dir, seed=recorded["seed"], n_calib=args.n_samples,
+                       val_size=recorded["val_size"])
     # the calibration split: a seed-fixed subset of the training images, without augmentation
     batches = list(data.batches(bundle.calib, bundle.info, args.batch_size, device=device))
     any_measure = args.trace or args.eig or args.density or args.landscape
-    report = flatness_report(model, batches, w_bits=_bits(args.wbits) or [4], a_bits=_bits(args.abits),
+    report = flatness_report(model, batches, w_bits=w_bits, a_bits=a_bits,
                              trace=args.trace or not any_measure, eig=args.eig if args.eig is not None else
                              (0 if any_measure else 1), density=args.density, max_probes=args.max_probes,
                              trace_tol=args.tol, trace_deflate=args.deflate, device=device, seed=args.seed, progress=not args.json)

@@ -29,6 +29,8 @@ from .errors import ConfigError
 
 MIN_BITS = 2
 MAX_BITS = 16
+#: Where a bit width may say "not quantized" (``W8A32``, PTQ sweeps), it is this one value.
+FLOAT_BITS = 32
 #: Smallest step allowed; keeps all-zero channels/tensors from dividing by zero.
 EPS_STEP = 1e-12
 
@@ -44,6 +46,23 @@ def check_bits(bits: object, name: str = "bits") -> int:
             f"(32 means 'not quantized' only where a function says so, e.g. W8A32)"
         )
     return bits
+
+
+def check_bits_or_float(bits: object, name: str = "bits") -> int | None:
+    """``None`` for :data:`FLOAT_BITS` (32: not quantized), else :func:`check_bits`.
+
+    Raises:
+        ConfigError: anything but an integer in [2, 16] or 32; e.g. 99 is out of range, not float.
+    """
+    if not isinstance(bits, bool) and isinstance(bits, (int, float)) and bits == FLOAT_BITS:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or int(bits) != bits:
+        raise ConfigError(f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, or {FLOAT_BITS} for "
+                          f"'not quantized', got {bits!r}")
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ConfigError(f"{name}={int(bits)} is out of range: use {MIN_BITS} to {MAX_BITS} bits, or "
+                          f"{FLOAT_BITS} for 'not quantized' (e.g. W8A32)")
+    return int(bits)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -185,6 +204,10 @@ def parse_bits_pair(text: str) -> tuple[int | None, int | None]:
     """Parse ``'W4A8'``, ``'4,8'``, ``'4'`` (both 4) or ``'W8A32'`` (32 = not quantized).
 
     Returns ``(w_bits, a_bits)`` with ``None`` for 'not quantized'.
+
+    Raises:
+        ConfigError: unreadable text, or a width outside 2..16 other than 32 (``'99'`` is out of
+            range, not 'not quantized').
     """
     s = str(text).strip().upper().replace(" ", "")
     try:
@@ -199,7 +222,7 @@ def parse_bits_pair(text: str) -> tuple[int | None, int | None]:
         raise ConfigError(
             f"cannot read bit widths from {text!r}: write e.g. 'W4A8', '4,8' or '4'"
         ) from None
-    return (None if w >= 32 else check_bits(w, "w_bits"), None if a >= 32 else check_bits(a, "a_bits"))
+    return check_bits_or_float(w, "w_bits"), check_bits_or_float(a, "a_bits")
 
 
 def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -27,14 +27,52 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``'auto'``/None -> CUDA when available, else CPU; refuses CUDA when there is none."""
-    if device is None or str(device) == "auto":
+    """The :class:`torch.device` a device name means, checked against this machine.
+
+    ``'auto'``/None -> CUDA when available, else CPU. Accepted names: ``auto``, ``cpu``,
+    ``cuda``, ``cuda:N`` and ``mps`` (Apple GPUs, where torch supports them).
+
+    Raises:
+        ConfigError: an unknown device name, or a device this machine does not have (CUDA
+            without a visible GPU, ``cuda:N`` past the last GPU, ``mps`` without support);
+            the message lists what this machine offers.
+    """
+    from .errors import ConfigError
+
+    if device is None or str(device).strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    have = ["auto", "cpu"]
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu:
+        have += ["cuda"] + [f"cuda:{i}" for i in range(n_gpu)]
+    if _mps_available():
+        have.append("mps")
+    offer = f"this machine offers: {', '.join(have)}"
+    text = str(device).strip().lower()
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(text)
+    except (RuntimeError, ValueError):  # torch says "Expected one of cpu, cuda, ... device type at start of"
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {str(device)!r}: use auto, cpu, cuda, cuda:N or mps ({offer})")
+    if dev.type == "cuda":
+        if not n_gpu:
+            raise ConfigError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; "
+                              f"use --device cpu or auto ({offer})")
+        if dev.index is not None and dev.index >= n_gpu:
+            raise ConfigError(f"device {str(device)!r} does not exist: {n_gpu} CUDA GPU(s) are visible, "
+                              f"cuda:0 to cuda:{n_gpu - 1} ({offer})")
+    if dev.type == "mps" and not _mps_available():
+        raise ConfigError(f"device 'mps' was asked for but this torch build or machine has no MPS support; "
+                          f"use --device cpu or auto ({offer})")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ConfigError(f"device {str(device)!r}: the CPU takes no index; use cpu ({offer})")
     return dev
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NotebookError, RunDirError
+from .nbparams import absolute_paths, check_values
 from .runinfo import prepare_run_dir, run_metadata, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path
     """
     p = Path(name)
     if p.suffix == ".ipynb" and p.is_file():
-        return p
+        return p.resolve()  # papermill runs it in its own folder: the path must not depend on ours
     cands = {q.stem: q for q in list_notebooks(folder)}
     stem = p.stem if p.suffix == ".ipynb" else str(name)
     if stem in cands:
@@ -232,12 +233,14 @@ def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[st
 
     paths = [resolve_notebook(n, folder) for n in notebooks] if notebooks else list_notebooks(folder)
     declared = {p.stem: notebook_parameters(p) for p in paths}
-    given = {**profile_params(profile), **dict(params or {})}
+    # paths mean what they mean where the command was typed, not in notebooks/ where papermill runs
+    given = absolute_paths({**profile_params(profile), **dict(params or {})})
     unknown = sorted(k for k in (params or {}) if not any(k in d for d in declared.values()))
     if unknown:
         valid = sorted(set().union(*declared.values()))
         raise ConfigError(f"no notebook has parameter(s) {unknown}; valid: {', '.join(valid)}")
-    out = prepare_run_dir(out)  # only now, with every name checked, create the folder
+    check_values(given)  # the package's own checks, before any notebook starts
+    out = prepare_run_dir(Path(out).expanduser()).resolve()  # only now, with every name checked
     write_json(out / "run.json", {**run_metadata(dict(given)), "kind": "run", "profile": profile,
                                   "notebooks": [p.stem for p in paths]})
     rows: list[dict[str, Any]] = []
@@ -592,6 +595,10 @@ def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bo
                      - set(declared))
     if unknown:
         raise ConfigError(f"{nb.name} has no parameter(s) {unknown}; valid: {', '.join(declared)}")
+    base = absolute_paths(spec["parameters"])
+    points = [absolute_paths(p) for p in points]
+    for point in points:
+        check_values({**base, **point})
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(_dask_client(address, jobs)) if engine == "dask" else None
         where: dict[str, Any] = {"engine": engine, "jobs": jobs}
@@ -610,7 +617,7 @@ def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bo
         tasks = []
         for i, point in enumerate(points):
             folder = out / "jobs" / f"{i:03d}"
-            params = {**spec["parameters"], **point, "out_dir": str(folder / "results")}
+            params = {**base, **point, "out_dir": str(folder / "results")}
             tasks.append({"job": folder.name, "point": point, "notebook": str(nb), "parameters": params,
                           "html": html, "folder": str(folder), "executed": str(folder / "executed" / nb.name),
                           "threads": threads, "engine": engine,

@@ -32,7 +32,7 @@ SWEEP_COLUMNS = ("checkpoint", "method", "config", "w_bits", "a_bits", "observer
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _bits_list(spec: str | int | Sequence[Any] | None) -> list[int | None]:
+def _bits_list(spec: str | int | Sequence[Any] | None, name: str = "bits") -> list[int | None]:
     if spec is None:
         return []
     items = spec.split(",") if isinstance(spec, str) else ([spec] if isinstance(spec, int) else list(spec))
@@ -44,7 +44,7 @@ def _bits_list(spec: str | int | Sequence[Any] | None) -> list[int | None]:
         b = int(it) if it.isdigit() else None
         if b is None:
             raise ConfigError(f"cannot read a bit width from {it!r}: use integers such as 8,6,4,3")
-        out.append(None if b >= 32 else quant.check_bits(b))
+        out.append(quant.check_bits_or_float(b, name))
     return out
 
 
@@ -68,8 +68,8 @@ def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | S
         if it:
             pairs.append(quant.parse_bits_pair(it))
     if wbits is not None or abits is not None:
-        w_list = _bits_list(wbits) or [p[0] for p in pairs] or [None]
-        a_list = _bits_list(abits) or [p[1] for p in pairs] or [None]
+        w_list = _bits_list(wbits, "wbits") or [p[0] for p in pairs] or [None]
+        a_list = _bits_list(abits, "abits") or [p[1] for p in pairs] or [None]
         pairs += list(itertools.product(w_list, a_list))
     pairs = list(dict.fromkeys(pairs))  # keep order, drop duplicates
     pairs = [p for p in pairs if p != (None, None)]  # the FP row is always there

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..runinfo import resolve_device
 from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
 from .observers import OBSERVERS
 
@@ -30,7 +31,7 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--first-last-8bit", action="store_true")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     add_json(p)
 
 
@@ -41,11 +42,7 @@ def run_ptq_command(args: Any) -> int:
                                 w_per_channel=not args.per_tensor, n_calib=args.n_calib,
                                 quant_attn=not args.no_attn, softmax_quantizer=args.softmax,
                                 first_last_8bit=args.first_last_8bit)
-    device = None if args.device == "auto" else args.device
-    if args.device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))  # one clear error for an unknown or absent device
     rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
                              n_eval=args.n_eval, progress=not getattr(args, "json", False))
     if getattr(args, "json", False):
