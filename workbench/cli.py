@@ -156,6 +156,12 @@ def build_method(args: argparse.Namespace):
     return create_method(cfg), cfg.to_dict()
 
 
+def _epochs(text: str) -> int | float:
+    """``--epochs``: a whole number stays an int (as recorded by earlier runs), else a fraction."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; under ``torchrun --nproc-per-node N`` every process runs this and trains data-parallel."""
@@ -163,17 +169,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runinfo import prepare_run_dir, resolve_device, set_seed
     from .train import TrainConfig, fit
 
-    cfg_kw = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "batch_size": args.batch_size,
-              "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
-    # the model's own recipe first, then whatever the user said explicitly
-    cfg_kw = {**models.default_recipe(args.model), **{k: v for k, v in cfg_kw.items() if v is not None}}
+    init = None
+    if args.init:  # a fine-tune: the parent's architecture and (by default) dataset, the fine-tune recipe
+        from .zoo import load_init
+
+        if args.model_arg:
+            raise ConfigError("--model-arg changes the architecture; a fine-tune (--init) keeps its parent's")
+        parent, _, init = load_init(args.init)
+        if args.model is not None and args.model != init["model"]:
+            raise ConfigError(f"--model {args.model} but the --init checkpoint is a {init['model']}; "
+                              "leave --model out when fine-tuning")
+        model_name, data_name = init["model"], args.data or init["data"]
+        recipe = models.finetune_recipe(model_name)
+    else:
+        model_name, data_name = args.model or models.DEFAULT_MODEL, args.data or "fashion-mnist-mini"
+        recipe = models.default_recipe(model_name)
+    cfg_kw = {"epochs": args.epochs, "steps": args.steps, "seed": args.seed, "device": args.device,
+              "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+              "weight_decay": args.weight_decay}
+    # the model's own recipe (or its fine-tune recipe) first, then whatever the user said explicitly
+    cfg_kw = {**recipe, **{k: v for k, v in cfg_kw.items() if v is not None}}
     cfg_kw.update(parse_kv(args.train_arg, "--train-arg"))
     cfg = TrainConfig.from_dict(cfg_kw)
     resolve_device(cfg.device)  # an unknown or absent device fails here, before --out is touched
-    bundle = data.load(args.data, data_dir=args.data_dir, seed=cfg.seed, val_size=parse_val_size(args.val_size))
+    bundle = data.load(data_name, data_dir=args.data_dir, seed=cfg.seed, val_size=parse_val_size(args.val_size))
     method, method_cfg = build_method(args)
     set_seed(cfg.seed)  # the same initial weights on every rank
-    model = models.create(args.model, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
+    if init is not None:
+        model = parent
+        spec = model.workbench_spec
+        have = (bundle.info.num_classes, bundle.info.channels, bundle.info.image_size)
+        want = (spec["num_classes"], spec.get("in_chans", have[1]), spec.get("img_size", have[2]))
+        if have != want:
+            raise ConfigError(f"the --init model takes {want[1]}-channel {want[2]}px images in {want[0]} classes, "
+                              f"but {data_name} has {have[1]}-channel {have[2]}px images in {have[0]} classes; "
+                              "fine-tune on the parent's dataset (leave --data out)")
+    else:
+        model = models.create(model_name, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
     # WORLD_SIZE > 1 (torchrun): one process group; a no-op in a single process
     distributed.init_from_env(cfg.device)
     main = distributed.is_main()  # (kept: after cleanup() every process would look like rank 0)
@@ -186,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                                overwrite=args.overwrite))
         try:
             result = fit(model, bundle, cfg, method, method_config=method_cfg, out_dir=out, resume=args.resume,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, init=init)
         except KeyboardInterrupt:
             if main:
                 print(f"interrupted: progress saved in {out / 'last.pt'}; continue with the same command plus "
@@ -199,8 +231,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     procs = f" x {m['world_size']} processes" if m.get("world_size", 1) > 1 else ""
     emit({**m, "checkpoint": str(result.checkpoint), "out": str(out)}, args.json,
-         f"{args.model} on {args.data} ({method_cfg.get('method')}): test accuracy {m['test_accuracy']:.2f}% "
-         f"(loss {m['test_loss']:.4f}) after {m['epochs']} epochs, {m['total_train_time']:.0f} s training "
+         f"{model_name} on {data_name} ({method_cfg.get('method')}"
+         f"{', fine-tuned from ' + init['source'] if init else ''}): test accuracy {m['test_accuracy']:.2f}% "
+         f"(loss {m['test_loss']:.4f}) after {m['steps']} steps ({m['epochs']} epochs), "
+         f"{m['total_train_time']:.0f} s training "
          f"on {m['device']}{procs}\ncheckpoint: {result.checkpoint}")
     return 0
 
@@ -266,14 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(m)
 
     t = sub.add_parser("train", help="train a model (optionally with a pre-conditioning method)")
-    t.add_argument("--data", default="fashion-mnist-mini")
+    t.add_argument("--data", default=None, help="dataset (default: fashion-mnist-mini, or the --init model's)")
     t.add_argument("--data-dir", default=None)
     t.add_argument("--val-size", default="0", metavar="N|FRACTION",
                    help="hold out N training images (a whole number) or this fraction of them (below 1) "
                    "as a validation split")
-    t.add_argument("--model", default="vit-micro")
+    t.add_argument("--model", default=None, help="model (default: vit-micro, or the --init model's)")
+    t.add_argument("--init", default=None, metavar="CKPT|zoo:NAME",
+                   help="fine-tune from these weights (a new run: its own optimizer and the fine-tune recipe, "
+                   "a tenth of the model's learning rate, 1 epoch; `workbench zoo list`)")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture override, repeatable")
-    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--epochs", type=_epochs, default=None, help="epochs (a fraction trains part of the last one)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps in all, instead of --epochs")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
@@ -315,6 +353,7 @@ PLUGGED_COMMANDS: list[tuple[str, str, str]] = [
     (".runner", "add_sweep_parser", "run_sweep_command"),
     (".runner", "add_report_parser", "run_report_command"),
     (".study", "add_study_parser", "run_study_command"),
+    (".zoo_command", "add_zoo_parser", "run_zoo_command"),
 ]
 
 

@@ -43,7 +43,9 @@ class TrainConfig:
     """Optimisation recipe. Defaults are the measured recipe for ``vit-micro`` on
     ``fashion-mnist-mini`` (see benchmarks/bench_train.py); they also suit ``cnn-small``."""
 
-    epochs: int = 14                  # vit-micro: 84 % on fashion-mnist-mini in ~3 min on 2 CPU cores
+    epochs: float = 14                # vit-micro: 84 % on fashion-mnist-mini in ~3 min on 2 CPU cores;
+                                      # a fraction trains that part of the last epoch (fine-tunes: 0.5)
+    steps: int | None = None          # total optimizer steps, instead of epochs (fine-tunes)
     batch_size: int = 128             # the global batch: split over the processes under torchrun
     optimizer: str = "adamw"          # adamw | sgd
     lr: float = 2e-3                  # peak learning rate after warm-up
@@ -60,8 +62,12 @@ class TrainConfig:
     eval_batch_size: int = 512
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) \
+                or not math.isfinite(self.epochs) or self.epochs <= 0:
+            raise ConfigError(f"epochs must be a number > 0 (a fraction trains part of an epoch), got {self.epochs!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise ConfigError(f"steps must be a whole number >= 1 (or None: train for `epochs`), got {self.steps!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -165,7 +171,8 @@ def evaluate_split(model: nn.Module, data: DataBundle, split: str = "test", batc
 def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
         method: TrainMethod | None = None, *, method_config: dict[str, Any] | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-        callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> TrainResult:
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        init: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` on ``data.train``, evaluating on ``data.test`` (and ``data.val``) each epoch.
 
     Args:
@@ -177,6 +184,10 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             (:func:`workbench.runinfo.prepare_run_dir` refuses to overwrite).
         resume: continue from ``out_dir/last.pt`` (same data order as an uninterrupted run).
         callbacks: called with each epoch's history row (e.g. the live training monitor); on rank 0 only.
+        init: where ``model``'s starting weights came from, for a fine-tune (see
+            :func:`workbench.zoo.load_init`: source, sha256, the parent's metrics); recorded in
+            ``run.json`` (``params.init``) and the checkpoints. The run is a new run with its own
+            optimizer and schedule, not a resume.
 
     Several processes (``torchrun``; the process group is initialized from the environment
     unless the caller did): every rank calls ``fit`` with the same arguments and the same initial
@@ -211,7 +222,11 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     steps_per_epoch = num_batches(data.train, cfg.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)})")
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = cfg.steps if cfg.steps is not None else int(round(cfg.epochs * steps_per_epoch))
+    if total_steps < 1:
+        raise ConfigError(f"epochs={cfg.epochs} is less than one step of {steps_per_epoch} per epoch: "
+                          "give more epochs or --steps N")
+    n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last one may be partial
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -227,7 +242,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     seed = cfg.seed + wdist.seed_offset()  # seed + rank: independent, reproducible streams per rank
     gen = torch.Generator(device=device).manual_seed(seed)
     ctx = StepContext(
-        loss_fn=loss_fn, optimizer=optimizer, device=device, epochs=cfg.epochs,
+        loss_fn=loss_fn, optimizer=optimizer, device=device, epochs=n_epochs,
         steps_per_epoch=steps_per_epoch, grad_clip=cfg.grad_clip, autocast=autocast,
         # the whole training set on every rank (SWA's BatchNorm update: identical to one process)
         train_batches=lambda: batches(data.train, data.info, cfg.eval_batch_size, device=device),
@@ -259,7 +274,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
         log.info("resuming at epoch %d, batch %d", start_epoch, start_batch)
 
     meta = run_metadata({"data": data.params, "train": cfg.to_dict(), "method": method_config,
-                         "model": getattr(model, "workbench_spec", {})})
+                         "model": getattr(model, "workbench_spec", {}), "init": init})
     if world > 1:
         meta["distributed"] = {"world_size": world, "backend": wdist.get_backend(),
                                "per_rank_batch_size": cfg.batch_size // world}
@@ -281,7 +296,8 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
                         method_config=method_config, metrics=history[-1] if history else {},
                         progress={"epoch": epoch, "step_in_epoch": step_in_epoch, "interrupted": interrupted},
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        method_state=states[0]["method"], extra={"history": history, "rank_states": states})
+                        method_state=states[0]["method"],
+                        extra={"history": history, "rank_states": states, "init": init})
 
     bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress and main)
     model.train()
@@ -305,7 +321,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             method.load_state_dict({k: v for k, v in ckpt["method_state"].items() if k != "bank"})
         if world > 1:
             train_model = _wrap_ddp(model, device, ddp_scope)
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, n_epochs):
             method.on_epoch_start(model, epoch)
             model.train()
             t0 = time.perf_counter()
@@ -317,6 +333,8 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
             for x, y in batches(data.train, data.info, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                 device=device, seed=cfg.seed, epoch=epoch, drop_last=True, start_batch=first,
                                 rank=rank, world_size=world):
+                if epoch * steps_per_epoch + step_in_epoch >= total_steps:
+                    break  # a partial last epoch (fractional epochs or --steps)
                 interrupt.check()  # a step boundary: everything saved here resumes exactly
                 loss = method.training_step(train_model, x, y, ctx)
                 if not torch.isfinite(loss):
@@ -381,7 +399,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
 
     final = evaluate_split(model, data, "test", cfg.eval_batch_size, device, shard=shard)
     metrics = {"test_loss": final["loss"], "test_accuracy": final["accuracy"],
-               "epochs": cfg.epochs, "mean_epoch_time": sum(r["epoch_time"] for r in history) / max(1, len(history)),
+               "epochs": cfg.epochs, "steps": total_steps, "mean_epoch_time": sum(r["epoch_time"] for r in history) / max(1, len(history)),
                "total_train_time": sum(r["epoch_time"] for r in history), "device": str(device)}
     if world > 1:
         metrics["world_size"] = world
@@ -393,8 +411,8 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
         if main:
             save_checkpoint(out / "model.pt", model, data_info=data.info.to_dict(),
                             train_config=cfg.to_dict(), method_config=method_config,
-                            metrics=metrics, progress={"epoch": cfg.epochs},
-                            extra={"history": history})
+                            metrics=metrics, progress={"epoch": n_epochs, "steps": total_steps},
+                            extra={"history": history, "init": init})
             write_json(out / "history.json", history)
             write_csv(out / "history.csv", history)
             write_json(out / "metrics.json", metrics)

@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from . import cnn, resnet, vit  # noqa: F401  (register the builders)
-from ._registry import DEFAULT_MODEL, MODELS, RECIPES, create, default_recipe, list_models, register_model
+from ._registry import (
+    DEFAULT_MODEL,
+    MODELS,
+    RECIPES,
+    create,
+    default_recipe,
+    finetune_recipe,
+    list_models,
+    register_model,
+)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -44,5 +53,5 @@ def model_summary(model: nn.Module) -> dict:
             "img_size": img_size, "num_classes": spec.get("num_classes")}
 
 
-__all__ = ["DEFAULT_MODEL", "MODELS", "RECIPES", "count_flops", "default_recipe", "count_parameters", "create", "list_models",
+__all__ = ["DEFAULT_MODEL", "MODELS", "RECIPES", "count_flops", "default_recipe", "finetune_recipe", "count_parameters", "create", "list_models",
            "model_summary", "register_model"]

@@ -37,6 +37,16 @@ def default_recipe(name: str) -> dict[str, Any]:
     return dict(RECIPES.get(name, {}))
 
 
+def finetune_recipe(name: str) -> dict[str, Any]:
+    """The TrainConfig fields of a fine-tune from a trained model (``--init``): one epoch, a tenth
+    of the model's peak learning rate, a short warm-up. Pre-conditioning and its plain control
+    share it, so they differ only in the method."""
+    from ..train import TrainConfig
+
+    base_lr = default_recipe(name).get("lr", TrainConfig.lr)
+    return {"epochs": 1, "lr": base_lr / 10, "warmup_epochs": 0.1, "min_lr": base_lr / 1000}
+
+
 def list_models() -> list[str]:
     """Registered names; ``timm:<name>`` passes any timm model through."""
     return MODELS.names() + ["timm:<any timm model name>"]
