@@ -128,3 +128,28 @@ def test_zoo_publish_load_and_checksum(parent, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "sha256" in err and "--overwrite" in err and len(err.splitlines()) == 1
     assert cli.main(["zoo", "info", "nope"]) == 2
+
+
+def test_notebook_helpers_fine_tune_per_seed_and_quantize_the_parent_as_it_is(parent):
+    from workbench import nbtools as nbt
+    from workbench import ptq
+
+    bundle = nbt.load_data("digits", seed=0, limit_train=512, limit_test=200, n_calib=64)
+    init = str(parent / "model.pt")
+    trained = nbt.train_seeds(["plain", "dnq"], bundle, seeds=[0, 1], init=init, model="ignored", epochs=0.5,
+                              device="cpu", w_bits=4, a_bits=4, batch_size=64, progress=False)
+    assert list(trained) == ["plain s0", "dnq s0", "plain s1", "dnq s1"]
+    assert [(t.arm, t.seed) for t in trained.values()] == [("plain", 0), ("dnq", 0), ("plain", 1), ("dnq", 1)]
+    # epochs=0: no training, the parent's own weights
+    only = nbt.train_methods(["plain"], bundle, init=init, model="ignored", epochs=0)
+    assert list(only) == ["parent"]
+    saved = torch.load(parent / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in only["parent"].model.state_dict().items())
+    with pytest.raises(ConfigError, match="epochs=0 trains nothing"):
+        nbt.train_methods(["plain"], bundle, model="cnn-small", epochs=0)
+    rows = nbt.ptq_rows({**only, **trained}, [ptq.PTQConfig(w_bits=4, a_bits=4, n_calib=64)], bundle, 64)
+    assert {(r["arm"], r["seed"]) for r in rows} >= {("parent", None), ("plain", 0), ("dnq", 1)}
+    table = nbt.seed_summary(rows)
+    assert {(r["config"], r["arm"], r["n"]) for r in table} == {(c, a, 2) for c in ("FP32", "W4A4")
+                                                               for a in ("plain", "dnq")}
+    assert all("verdict" in r for r in table if r["arm"] == "dnq")

@@ -3,8 +3,8 @@
 ``workbench run``, ``sweep`` and ``study`` execute notebooks with papermill in the notebooks'
 folder, so a relative path handed to a notebook would be read from there, not from where the
 user typed it. :func:`absolute_paths` resolves every path parameter (a name ending in ``_dir``,
-``_path`` or ``_file``, and the path in ``data="imagefolder:PATH"``) against the caller's
-working directory first.
+``_path`` or ``_file``, the path in ``data="imagefolder:PATH"`` and a checkpoint ``init``)
+against the caller's working directory first.
 
 :func:`check_values` builds what the package would build from the parameters (the training
 recipe, each method's config, the bit widths, the registry names) with the package's own
@@ -49,6 +49,9 @@ def absolute_paths(params: Mapping[str, Any], cwd: str | Path | None = None) -> 
             out[name] = absolute(value)
         elif name == "data" and isinstance(value, str) and value.startswith(IMAGEFOLDER):
             out[name] = IMAGEFOLDER + absolute(value[len(IMAGEFOLDER):])
+        elif name == "init" and isinstance(value, (str, os.PathLike)) and str(value) \
+                and not str(value).startswith("zoo:"):  # a checkpoint path; zoo:NAME is a name
+            out[name] = absolute(value)
     return out
 
 
@@ -70,14 +73,36 @@ def check_values(params: Mapping[str, Any]) -> None:
 def _train(p: Mapping[str, Any]) -> None:
     from .train import TrainConfig
 
-    fields = {k: p[k] for k in ("epochs", "batch_size", "seed") if p.get(k) is not None}
+    fields = {k: p[k] for k in ("batch_size", "seed") if p.get(k) is not None}
     extra = p.get("train_args") or {}
     if not isinstance(extra, Mapping):
         raise ConfigError("train_args must be a mapping of TrainConfig fields, e.g. {'lr': 0.001}")
     for k, v in fields.items():
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{k} must be a whole number, got {v!r}")
+    epochs = p.get("epochs")
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)):
+            raise ConfigError(f"epochs must be a number, got {epochs!r}")
+        if epochs == 0 and not p.get("init"):
+            raise ConfigError("epochs=0 trains nothing: it needs a trained starting point (init='zoo:NAME' or a "
+                              "checkpoint path)")
+        if epochs != 0:  # 0 with init: quantize the parent without training
+            fields["epochs"] = epochs
     TrainConfig.from_dict({**fields, **extra})
+
+
+def _init(p: Mapping[str, Any]) -> None:
+    from . import zoo
+
+    init = p.get("init")
+    if not init:
+        return
+    text = str(init)
+    if text.startswith(zoo.PREFIX):
+        zoo.path(text[len(zoo.PREFIX):])  # unknown name, not built here, or a damaged file
+    elif not Path(text).is_file():
+        raise ConfigError(f"no checkpoint at {text}: give a model.pt path or zoo:NAME (`workbench zoo list`)")
 
 
 def _device(p: Mapping[str, Any]) -> None:
@@ -147,7 +172,8 @@ def _val_size(p: Mapping[str, Any]) -> None:
 
 
 _CHECKS = (
-    (("epochs", "batch_size", "seed", "train_args"), _train),
+    (("epochs", "batch_size", "seed", "train_args", "init"), _train),
+    (("init",), _init),
     (("device",), _device),
     (("method", "methods", "method_args", "w_bits", "a_bits", "noise_mult"), _methods),
     (("bits",), _bits),

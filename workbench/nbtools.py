@@ -44,9 +44,10 @@ OUT_ROOT_ENV = "WORKBENCH_OUT_ROOT"
 QUICK_PROFILE: dict[str, Any] = {
     "data": "fashion-mnist-mini",
     "model": "vit-micro",
-    # a shrunken vit-micro: 2 blocks, dim 64, narrow conv stem (~60k params)
-    "model_args": {"depth": 2, "embed_dim": 64, "num_heads": 2, "stem_width": 32},
-    "epochs": 2,
+    "model_args": {},  # the model's own architecture; a fine-tune keeps its parent's anyway
+    # a converged parent (84 % on fashion-mnist-mini): notebooks fine-tune it rather than train
+    # from scratch, since the second-order argument needs a model near a minimum
+    "init": "zoo:vit-micro-mini-s0",
     "seed": 0,
     "device": "cpu",
     "limit_train": 2000,  # training images used (0 = all)
@@ -58,7 +59,7 @@ QUICK_PROFILE: dict[str, Any] = {
 #: The full profile: what ``workbench run --profile full`` passes on top of the defaults.
 FULL_PROFILE: dict[str, Any] = {
     "model_args": {},
-    "epochs": 10,
+    "epochs": 3,  # fine-tune epochs (06_study_member trains from scratch: give it epochs=None, its recipe)
     "device": "auto",
     "limit_train": 0,
     "limit_test": 0,
@@ -230,6 +231,8 @@ class Trained:
     method_config: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     reused: bool = False
+    arm: str | None = None  # the method label, when several seeds run per method (train_seeds)
+    seed: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """One tidy row: method, accuracy, loss, training time per step."""
@@ -241,7 +244,7 @@ class Trained:
 
 
 def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bundle: wdata.DataBundle,
-              method_cfg: dict[str, Any]) -> bool:
+              method_cfg: dict[str, Any], init_sha: str | None = None) -> bool:
     from .checkpoint import load_checkpoint
 
     try:
@@ -252,10 +255,33 @@ def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bund
     spec, saved_method = ckpt.get("model_spec", {}), ckpt.get("method_config", {})
     same = (spec.get("name") == model_name and spec.get("overrides", {}) == dict(model_args)
             and ckpt.get("data_info", {}).get("name") == bundle.info.name
-            and all(saved_method.get(k) == v for k, v in method_cfg.items() if k in saved_method))
+            and all(saved_method.get(k) == v for k, v in method_cfg.items() if k in saved_method)
+            and (ckpt.get("extra", {}).get("init") or {}).get("sha256") == init_sha)
     if not same:
-        log.warning("not reusing %s: it was trained with another model, dataset or method setting", ckpt_path)
+        log.warning("not reusing %s: it was trained with another model, dataset, method setting or parent",
+                    ckpt_path)
     return same
+
+
+def _check_parent_fits(spec: dict[str, Any], bundle: wdata.DataBundle, init: str | Path) -> None:
+    info = bundle.info
+    if (spec["num_classes"], spec.get("in_chans"), spec.get("img_size")) != \
+            (info.num_classes, info.channels, info.image_size):
+        raise ConfigError(f"init={str(init)!r} takes {spec.get('in_chans')}-channel {spec.get('img_size')}px images "
+                          f"in {spec['num_classes']} classes, but data={info.name!r} has {info.channels}-channel "
+                          f"{info.image_size}px images in {info.num_classes} classes; pick the parent's dataset")
+
+
+def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu") -> dict[str, Trained]:
+    """``{"parent": Trained}``: a trained starting point as it is, without training (introduced
+    in 00_quickstart): the reference row of a fine-tune comparison, or the quantize-only path."""
+    from .zoo import load_init
+
+    parent, ckpt, record = load_init(init, resolve_device(device))
+    _check_parent_fits(parent.workbench_spec, bundle, init)
+    return {"parent": Trained("parent", parent.eval(), dict(ckpt.get("metrics", {})),
+                              list(ckpt.get("extra", {}).get("history", [])), dict(ckpt.get("method_config", {})),
+                              Path(record["file"]), reused=True)}
 
 
 def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundle, *, model: str,
@@ -264,12 +290,19 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
                   noise_mult: float = 1.0, batch_size: int = 128, out_dir: str | Path | None = None,
                   ckpt_dir: str | Path | None = None, progress: bool = True,
                   callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-                  train_args: dict[str, Any] | None = None) -> dict[str, Trained]:
-    """Train one model per method from the same initialization (introduced in 00_quickstart).
+                  train_args: dict[str, Any] | None = None, init: str | Path | None = None) -> dict[str, Trained]:
+    """Train one model per method from the same starting point (introduced in 00_quickstart).
+
+    ``init`` (``zoo:NAME`` or a checkpoint path; see :mod:`workbench.zoo`): every method
+    fine-tunes the same trained parent with the model's fine-tune recipe for ``epochs`` (a
+    fraction is allowed); ``model`` and ``model_args`` are the parent's. ``epochs=0`` trains
+    nothing and returns the parent alone, labelled ``parent``: the quantize-only path.
+    Without ``init`` each method trains from the same fresh initialization.
 
     Each run's checkpoint and history go to ``out_dir/checkpoints/<label>/``. With ``ckpt_dir``
     (e.g. the ``checkpoints`` folder of an earlier notebook's output), a compatible
-    ``ckpt_dir/<label>/model.pt`` is loaded instead of training again.
+    ``ckpt_dir/<label>/model.pt`` (same model, data, method and parent) is loaded instead of
+    training again.
 
     Returns:
         ``{label: Trained}`` in the order of ``methods``.
@@ -279,11 +312,25 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
     from .train import TrainConfig, fit
 
     model_args = dict(model_args or {})
-    # a 1-epoch warm-up would eat half of a 2-epoch quick run: keep it to a fifth of the run
-    cfg = TrainConfig.from_dict({"epochs": int(epochs), "seed": int(seed), "device": device,
-                                 "batch_size": int(batch_size), "warmup_epochs": min(1.0, int(epochs) / 5),
-                                 **(train_args or {})})
     dev = resolve_device(device)
+    record = None
+    if init:
+        from .zoo import load_init
+
+        if not epochs:
+            return load_parent(init, bundle, device=device)
+        parent, parent_ckpt, record = load_init(init, dev)
+        model, model_args = record["model"], dict(parent_ckpt["model_spec"].get("overrides", {}))
+        _check_parent_fits(parent.workbench_spec, bundle, init)
+        recipe = wmodels.finetune_recipe(model)
+    else:
+        if not epochs:
+            raise ConfigError("epochs=0 trains nothing: give a trained starting point (init='zoo:NAME' or a "
+                              "checkpoint path) to quantize without training, or epochs >= 1")
+        # a 1-epoch warm-up would eat half of a 2-epoch quick run: keep it to a fifth of the run
+        recipe = {"warmup_epochs": min(1.0, float(epochs) / 5)}
+    cfg = TrainConfig.from_dict({**recipe, "epochs": epochs, "seed": int(seed), "device": device,
+                                 "batch_size": int(batch_size), **(train_args or {})})
     out: dict[str, Trained] = {}
     for entry in methods:
         label, mcfg = method_spec(entry, w_bits=w_bits, a_bits=a_bits, noise_mult=noise_mult)
@@ -291,15 +338,17 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
             raise ConfigError(f"method label {label!r} appears twice; give entries distinct 'label's")
         method_cfg = MethodConfig.from_dict(mcfg).to_dict()
         saved = Path(ckpt_dir) / label / "model.pt" if ckpt_dir else None
-        if saved is not None and saved.is_file() and _reusable(saved, model, model_args, bundle, method_cfg):
+        if saved is not None and saved.is_file() and _reusable(saved, model, model_args, bundle, method_cfg,
+                                                               record["sha256"] if record else None):
             net, ckpt = load_model(saved, dev)
             out[label] = Trained(label, net, dict(ckpt.get("metrics", {})), list(ckpt["extra"].get("history", [])),
                                  ckpt.get("method_config", {}), saved, reused=True)
             continue
-        net = build_model(model, bundle.info, model_args, seed)
+        # every method starts from the same weights: the parent's exactly, or one seeded initialization
+        net = load_model(record["file"], dev)[0] if record else build_model(model, bundle.info, model_args, seed)
         run_dir = prepare_run_dir(Path(out_dir) / "checkpoints" / label) if out_dir else None
         res = fit(net, bundle, cfg, create_method(method_cfg), method_config=method_cfg, out_dir=run_dir,
-                  progress=progress, callbacks=callbacks)
+                  progress=progress, callbacks=callbacks, init=record)
         out[label] = Trained(label, net.eval(), res.metrics, res.history, method_cfg, res.checkpoint)
     return out
 
@@ -318,7 +367,46 @@ def ptq_rows(trained: dict[str, Trained], configs: Sequence[Any], bundle: wdata.
     for r in rows:
         r["label"] = r.pop("checkpoint")
         r["drop"] = fp[r["label"]] - r["accuracy"]
+        t = trained[r["label"]]
+        r["arm"] = t.arm if t.arm is not None else t.label
+        r["seed"] = t.seed
     return rows
+
+
+def train_seeds(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundle, *, seeds: Sequence[int],
+                **kwargs: Any) -> dict[str, Trained]:
+    """:func:`train_methods` once per seed (introduced in 00_quickstart): labels ``<method> s<seed>``,
+    with ``arm`` and ``seed`` set, so :func:`seed_summary` can pair each arm with the control of
+    the same seed. ``out_dir`` gets one ``seed<N>`` sub-folder per seed.
+    """
+    if not seeds:
+        raise ConfigError("seeds must name at least one seed, e.g. [0, 1]")
+    out: dict[str, Trained] = {}
+    base_out, base_ckpt = kwargs.pop("out_dir", None), kwargs.pop("ckpt_dir", None)
+    for seed in seeds:
+        got = train_methods(methods, bundle, seed=int(seed),
+                            out_dir=Path(base_out) / f"seed{seed}" if base_out else None,
+                            ckpt_dir=Path(base_ckpt) / f"seed{seed}" if base_ckpt else None, **kwargs)
+        for label, t in got.items():
+            if label == "parent":  # epochs=0: the parent is the same model whatever the seed
+                out.setdefault(label, t)
+                continue
+            t.arm, t.seed = label, int(seed)
+            t.label = f"{label} s{seed}"
+            out[t.label] = t
+    return out
+
+
+def seed_summary(rows: Sequence[dict[str, Any]], control: str = "plain") -> list[dict[str, Any]]:
+    """Quantized accuracy per arm and PTQ setting over the seeds (mean, 95 % interval) and the
+    paired difference with ``control`` of the same seed (introduced in 00_quickstart)."""
+    from .stats import paired_summary
+
+    seeded = [r for r in rows if r.get("seed") is not None]
+    table = paired_summary(seeded, value="accuracy", control=control, by=("config", "observer"))
+    order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"] for r in seeded))}
+    return sorted(table, key=lambda r: (r["config"] != "FP32", str(r["config"]), str(r["observer"]),
+                                        order.get(r["arm"], 0)))
 
 
 @contextmanager
