@@ -55,6 +55,30 @@ def absolute_paths(params: Mapping[str, Any], cwd: str | Path | None = None) -> 
     return out
 
 
+def literal_defaults(declared: Mapping[str, Any]) -> dict[str, Any]:
+    """A notebook's declared defaults (source text, as papermill reports them) as values; a
+    default that is not a literal is left out."""
+    import ast
+
+    out = {}
+    for name, text in declared.items():
+        try:
+            out[name] = ast.literal_eval(text) if isinstance(text, str) else text
+        except (ValueError, SyntaxError):
+            continue
+    return out
+
+
+def check_notebook(notebook: str, declared: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """:func:`check_values` of what one notebook will run with: its defaults, then ``given``
+    (only the names it declares); the error names the notebook."""
+    merged = {**literal_defaults(declared), **{k: v for k, v in given.items() if k in declared}}
+    try:
+        check_values(merged)
+    except ConfigError as e:
+        raise ConfigError(f"{notebook}: {e}") from None
+
+
 def check_values(params: Mapping[str, Any]) -> None:
     """Refuse parameter values the package would refuse, naming the parameter.
 

@@ -244,7 +244,7 @@ class Trained:
 
 
 def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bundle: wdata.DataBundle,
-              method_cfg: dict[str, Any], init_sha: str | None = None) -> bool:
+              method_cfg: dict[str, Any], init_sha: str | None = None, seed: int | None = None) -> bool:
     from .checkpoint import load_checkpoint
 
     try:
@@ -256,9 +256,10 @@ def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bund
     same = (spec.get("name") == model_name and spec.get("overrides", {}) == dict(model_args)
             and ckpt.get("data_info", {}).get("name") == bundle.info.name
             and all(saved_method.get(k) == v for k, v in method_cfg.items() if k in saved_method)
-            and (ckpt.get("extra", {}).get("init") or {}).get("sha256") == init_sha)
+            and (ckpt.get("extra", {}).get("init") or {}).get("sha256") == init_sha
+            and (seed is None or ckpt.get("train_config", {}).get("seed") == seed))
     if not same:
-        log.warning("not reusing %s: it was trained with another model, dataset, method setting or parent",
+        log.warning("not reusing %s: it was trained with another model, dataset, method setting, parent or seed",
                     ckpt_path)
     return same
 
@@ -339,7 +340,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
         method_cfg = MethodConfig.from_dict(mcfg).to_dict()
         saved = Path(ckpt_dir) / label / "model.pt" if ckpt_dir else None
         if saved is not None and saved.is_file() and _reusable(saved, model, model_args, bundle, method_cfg,
-                                                               record["sha256"] if record else None):
+                                                               record["sha256"] if record else None, int(seed)):
             net, ckpt = load_model(saved, dev)
             out[label] = Trained(label, net, dict(ckpt.get("metrics", {})), list(ckpt["extra"].get("history", [])),
                                  ckpt.get("method_config", {}), saved, reused=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NotebookError, RunDirError
-from .nbparams import absolute_paths, check_values
+from .nbparams import absolute_paths, check_notebook, literal_defaults
 from .runinfo import prepare_run_dir, run_metadata, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,8 @@ def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[st
     if unknown:
         valid = sorted(set().union(*declared.values()))
         raise ConfigError(f"no notebook has parameter(s) {unknown}; valid: {', '.join(valid)}")
-    check_values(given)  # the package's own checks, before any notebook starts
+    for nb in paths:  # the package's own checks on what each notebook will run with, before any starts
+        check_notebook(nb.stem, declared[nb.stem], given)
     out = prepare_run_dir(Path(out).expanduser()).resolve()  # only now, with every name checked
     write_json(out / "run.json", {**run_metadata(dict(given)), "kind": "run", "profile": profile,
                                   "notebooks": [p.stem for p in paths]})
@@ -250,7 +251,11 @@ def run_notebooks(out: str | Path, *, profile: str = "quick", params: Mapping[st
         bar.set_postfix_str(nb.stem)
         p = _params_for(given, declared[nb.stem])
         p["out_dir"] = str(out / "results" / nb.stem)
-        ckpt = out / "results" / CHECKPOINT_SOURCE / "checkpoints"
+        # 00 fine-tunes once per seed (seed<N>/checkpoints); the others run one seed, 0 by default
+        seed = literal_defaults(declared[nb.stem]).get("seed", 0) if "seed" not in given else given["seed"]
+        source = out / "results" / CHECKPOINT_SOURCE
+        ckpt = next((c for c in (source / f"seed{seed}" / "checkpoints", source / "checkpoints") if c.is_dir()),
+                    source / "checkpoints")
         if share_checkpoints and "ckpt_dir" in declared[nb.stem] and "ckpt_dir" not in given and ckpt.is_dir():
             p["ckpt_dir"] = str(ckpt)
         if "results_dir" in declared[nb.stem] and "results_dir" not in given:
@@ -598,7 +603,7 @@ def run_sweep(grid_file: str | Path, out: str | Path, *, jobs: int = 1, html: bo
     base = absolute_paths(spec["parameters"])
     points = [absolute_paths(p) for p in points]
     for point in points:
-        check_values({**base, **point})
+        check_notebook(nb.stem, declared, {**base, **point})
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(_dask_client(address, jobs)) if engine == "dask" else None
         where: dict[str, Any] = {"engine": engine, "jobs": jobs}

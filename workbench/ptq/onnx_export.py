@@ -2,7 +2,7 @@
 
 Why ONNX Runtime: it installs from PyPI on any CPU (``pip install onnx onnxruntime``, the
 ``onnx`` extra), and its CPU kernels ``MatMulInteger`` and ``ConvInteger`` multiply uint8
-activation codes by int8 weight codes with int32 accumulation (MLAS integer GEMM), which is
+activation codes by weight codes with int32 accumulation (MLAS integer GEMM), which is
 exactly the integer computation the fake quantizer claims to simulate. torch.ao's int8
 backends are deprecated and x86-only; torchao/optimum-quanto stop at int8 activations and
 do not run arbitrary per-layer graphs as directly.
@@ -12,8 +12,14 @@ QDQ fusion heuristics (which leave Conv in float when no output quantizer follow
 
     x_q  = QuantizeLinear(x, s_x, zp_x)            # uint8 codes, round half to even
     x_q  = Clip(x_q, 0, 2^b - 1)                   # only when b < 8
-    acc  = MatMulInteger / ConvInteger(x_q, W_q, zp_x, 0)   # int32
+    acc  = MatMulInteger / ConvInteger(x_q, W_q + 128, zp_x, 128)   # int32
     y    = Cast(acc, float) * (s_x * s_w[channel]) + bias
+
+The symmetric int8 weight codes travel as uint8 with zero point 128: the same integers, but the
+runtime then takes its uint8 x uint8 kernel. Its uint8 x int8 kernel on x86 CPUs without VNNI
+(AVX2) adds pairs of products in int16 with saturation (``vpmaddubsw``), so full-range codes
+(255 x 127 x 2 > 32767) come out wrong by up to 10^5 per output; uint8 x uint8 widens first and
+is exact on every CPU (tests/test_ptq.py checks the integers against an int64 matmul).
 
 Attention matmuls are the same with two activation codes (``q @ k^T`` and ``softmax @ v``).
 Everything else (LayerNorm, BatchNorm, softmax, GELU, residuals) runs in float in ONNX Runtime
@@ -43,6 +49,8 @@ from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, _Quan
 logger = logging.getLogger(__name__)
 
 _ONNX_FLOAT = 1  # TensorProto.FLOAT
+#: Weight codes are exported as uint8 = int8 code + 128 (exact on every CPU, see above).
+WEIGHT_ZERO_POINT = 128
 
 
 def _require(module: str) -> Any:
@@ -83,11 +91,16 @@ def _scale_symbolic(g: Any, acc: Any, scale: torch.Tensor, bias: torch.Tensor | 
     return y if bias is None else g.op("Add", y, _const(g, bias))
 
 
+def _weight_zero_point(g: Any) -> Any:
+    return _const(g, torch.tensor(WEIGHT_ZERO_POINT, dtype=torch.uint8))
+
+
 def _layer_spec(layer: _QuantLayer) -> dict[str, Any]:
     """Plain tensors made *before* tracing: inside a traced autograd.Function only its own
     inputs and such constants may be used (module buffers would be traced values)."""
     a = _act_spec(layer.input_quant)
-    codes = layer.weight_codes().to(torch.int8)
+    # symmetric int8 codes shifted to uint8 (zero point 128): see the module docstring
+    codes = (layer.weight_codes().to(torch.int16) + WEIGHT_ZERO_POINT).to(torch.uint8)
     out_ch = codes.shape[0]
     bias = layer.layer.bias
     return {"a": a, "w_q": layer.weight_q.detach().clone(), "codes": codes,
@@ -104,7 +117,7 @@ class _IntegerLinear(torch.autograd.Function):
     def symbolic(g: Any, x: Any, spec: dict[str, Any]) -> Any:
         xq, zp = _quantize_symbolic(g, x, spec["a"])
         w_codes = spec["codes"].t().contiguous()  # (in, out) for x @ W^T
-        acc = g.op("MatMulInteger", xq, _const(g, w_codes), zp, _const(g, torch.tensor(0, dtype=torch.int8)))
+        acc = g.op("MatMulInteger", xq, _const(g, w_codes), zp, _weight_zero_point(g))
         return _scale_symbolic(g, acc, spec["scale"], spec["bias"])
 
 
@@ -118,7 +131,7 @@ class _IntegerConv(torch.autograd.Function):
         conv = spec["conv"]
         xq, zp = _quantize_symbolic(g, x, spec["a"])
         w_codes = spec["codes"]
-        acc = g.op("ConvInteger", xq, _const(g, w_codes), zp, _const(g, torch.tensor(0, dtype=torch.int8)),
+        acc = g.op("ConvInteger", xq, _const(g, w_codes), zp, _weight_zero_point(g),
                    strides_i=list(conv.stride), pads_i=list(conv.padding) * 2,  # ONNX: all begins, all ends
                    dilations_i=list(conv.dilation), group_i=conv.groups, kernel_shape_i=list(conv.kernel_size))
         shape = [1, -1] + [1] * (w_codes.dim() - 2)
