@@ -13,8 +13,9 @@ from workbench import runner, zoo
 
 #: points a fine-tune may lose against its parent's full-precision accuracy on the same images
 FP_MARGIN = 3.0
-#: points a lower bit width may score above a higher one: 2 of the 500 test images
-ORDER_SLACK = 0.4
+#: points a lower bit width may score above a higher one: 5 of the 500 test images. W4A4 flips a
+#: few predictions either way (measured: +0.6 over FP32 for one fine-tune); W3A3 loses 5-20 points.
+ORDER_SLACK = 1.0
 
 
 @pytest.mark.slow
