@@ -44,10 +44,9 @@ OUT_ROOT_ENV = "WORKBENCH_OUT_ROOT"
 QUICK_PROFILE: dict[str, Any] = {
     "data": "fashion-mnist-mini",
     "model": "vit-micro",
-    "model_args": {},  # the model's own architecture; a fine-tune keeps its parent's anyway
-    # a converged parent (84 % on fashion-mnist-mini): notebooks fine-tune it rather than train
-    # from scratch, since the second-order argument needs a model near a minimum
-    "init": "zoo:vit-micro-mini-s0",
+    # a shrunken vit-micro: 2 blocks, dim 64, narrow conv stem (~60k params)
+    "model_args": {"depth": 2, "embed_dim": 64, "num_heads": 2, "stem_width": 32},
+    "epochs": 2,
     "seed": 0,
     "device": "cpu",
     "limit_train": 2000,  # training images used (0 = all)
@@ -59,7 +58,7 @@ QUICK_PROFILE: dict[str, Any] = {
 #: The full profile: what ``workbench run --profile full`` passes on top of the defaults.
 FULL_PROFILE: dict[str, Any] = {
     "model_args": {},
-    "epochs": 3,  # fine-tune epochs (06_study_member trains from scratch: give it epochs=None, its recipe)
+    "epochs": 10,
     "device": "auto",
     "limit_train": 0,
     "limit_test": 0,
