@@ -15,6 +15,7 @@ compute modules never import it.
 
 from __future__ import annotations
 
+import copy
 import html
 import logging
 import math
@@ -273,8 +274,8 @@ def _check_parent_fits(spec: dict[str, Any], bundle: wdata.DataBundle, init: str
 
 
 def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu") -> dict[str, Trained]:
-    """``{"parent": Trained}``: a trained starting point as it is, without training (introduced
-    in 00_quickstart): the reference row of a fine-tune comparison, or the quantize-only path."""
+    """``{"parent": Trained}``: a trained starting point as it is, without training: the
+    reference row of a fine-tune comparison, or the quantize-only path."""
     from .zoo import load_init
 
     parent, ckpt, record = load_init(init, resolve_device(device))
@@ -345,7 +346,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
                                  ckpt.get("method_config", {}), saved, reused=True)
             continue
         # every method starts from the same weights: the parent's exactly, or one seeded initialization
-        net = load_model(record["file"], dev)[0] if record else build_model(model, bundle.info, model_args, seed)
+        net = copy.deepcopy(parent) if record else build_model(model, bundle.info, model_args, seed)
         run_dir = prepare_run_dir(Path(out_dir) / "checkpoints" / label) if out_dir else None
         res = fit(net, bundle, cfg, create_method(method_cfg), method_config=method_cfg, out_dir=run_dir,
                   progress=progress, callbacks=callbacks, init=record)
@@ -375,7 +376,7 @@ def ptq_rows(trained: dict[str, Trained], configs: Sequence[Any], bundle: wdata.
 
 def train_seeds(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundle, *, seeds: Sequence[int],
                 **kwargs: Any) -> dict[str, Trained]:
-    """:func:`train_methods` once per seed (introduced in 00_quickstart): labels ``<method> s<seed>``,
+    """:func:`train_methods` once per seed: labels ``<method> s<seed>``,
     with ``arm`` and ``seed`` set, so :func:`seed_summary` can pair each arm with the control of
     the same seed. ``out_dir`` gets one ``seed<N>`` sub-folder per seed.
     """
@@ -399,7 +400,7 @@ def train_seeds(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundl
 
 def seed_summary(rows: Sequence[dict[str, Any]], control: str = "plain") -> list[dict[str, Any]]:
     """Quantized accuracy per arm and PTQ setting over the seeds (mean, 95 % interval) and the
-    paired difference with ``control`` of the same seed (introduced in 00_quickstart)."""
+    paired difference with ``control`` of the same seed (see :mod:`workbench.stats`)."""
     from .stats import paired_summary
 
     seeded = [r for r in rows if r.get("seed") is not None]
