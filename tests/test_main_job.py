@@ -1,6 +1,6 @@
 """The README's main job as a user runs it: `workbench run` from the repository root with a relative
 ``--out``, through the real CLI, runner and every notebook (07_report included), made cheap with
-small parameters (digits, a narrow CNN, one epoch)."""
+small parameters (digits, a narrow CNN trained from scratch for one epoch)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from workbench import runner
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["-p", "data=digits", "-p", "model=cnn-small", "-p", 'model_args={"width": 8}', "-p", "epochs=1",
+TINY = ["-p", "init=None", "-p", "data=digits", "-p", "model=cnn-small", "-p", 'model_args={"width": 8}', "-p", "epochs=1",
         "-p", "limit_train=600", "-p", "limit_test=200", "-p", "n_calib=64", "-p", "n_hessian=64",
         "-p", "probes=4", "-p", "eig_iters=4"]
 
@@ -37,7 +37,7 @@ def test_workbench_run_from_the_repository_root_with_a_relative_out() -> None:
         assert report["kind"] == "run" and report["units"] >= 7
         assert (out / "report.csv").is_file()
         # the later notebooks reused 00_quickstart's checkpoints instead of training again
-        ckpts = out / "results" / "00_quickstart" / "checkpoints"
+        ckpts = out / "results" / "00_quickstart" / "seed0" / "checkpoints"  # 00 runs seeds 0 and 1
         for nb in ("01_error_model", "02_preconditioning", "03_ptq", "04_flatness", "05_explorer"):
             params = json.loads((out / "results" / nb / "run.json").read_text())["params"]
             assert params["ckpt_dir"] == str(ckpts), nb

@@ -1,5 +1,6 @@
 """Packaging stays consistent: environment.yml mirrors pyproject's dependencies."""
 
+import json
 import re
 from pathlib import Path
 
@@ -49,3 +50,33 @@ def test_lint_clean():
     p = subprocess.run([sys.executable, "-m", "ruff", "check", "workbench", "tests", "benchmarks"],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject lists the packages explicitly (data/ and notebooks/ are mapped in): a new
+    sub-package must be added there, or the wheel would ship without it."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "workbench").rglob("__init__.py")}
+    assert found | {"workbench._data", "workbench._notebooks"} == set(tool["packages"])
+    assert tool["package-dir"] == {"workbench._data": "data", "workbench._notebooks": "notebooks"}
+
+
+def test_notebooks_command_copies_and_never_overwrites_silently(tmp_path, capsys):
+    from workbench import cli
+
+    dest = tmp_path / "course"
+    assert cli.main(["notebooks", str(dest), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    names = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert sorted(p.name for p in dest.glob("*.ipynb")) == names and len(got["files"]) >= len(names)
+    assert (dest / "00_quickstart.ipynb").read_bytes() == (ROOT / "notebooks" / "00_quickstart.ipynb").read_bytes()
+    (dest / "00_quickstart.ipynb").write_text("my edits")
+    assert cli.main(["notebooks", str(dest)]) == 6  # an output-folder error: nothing replaced
+    assert "--overwrite" in capsys.readouterr().err
+    assert (dest / "00_quickstart.ipynb").read_text() == "my edits"
+    assert cli.main(["notebooks", str(dest), "--overwrite"]) == 0
+    assert (dest / "00_quickstart.ipynb").read_bytes() == (ROOT / "notebooks" / "00_quickstart.ipynb").read_bytes()

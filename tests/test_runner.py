@@ -253,9 +253,10 @@ def test_cli_hooks_parse(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook,params", [
-    ("00_quickstart", {"data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
-                       "limit_train": 600, "limit_test": 200, "n_calib": 64, "w_bits": 3, "a_bits": 6}),
-    ("03_ptq", {"data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
+    ("00_quickstart", {"init": None, "data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
+                       "limit_train": 600, "limit_test": 200, "n_calib": 64, "noise_bits": "W3A6",
+                       "seeds": [0]}),
+    ("03_ptq", {"init": None, "data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
                 "limit_train": 600, "limit_test": 200, "n_calib": 64, "bits": [8, 4]}),
 ])
 def test_real_notebook_with_other_parameters(notebook: str, params: dict, tmp_path: Path) -> None:
@@ -302,3 +303,14 @@ def test_absolute_paths_only_touch_path_parameters(tmp_path: Path) -> None:
     assert got == {"ckpt_dir": str(tmp_path / "b"), "results_dir": str(tmp_path / "abs"), "out_dir": None,
                    "data": f"imagefolder:{tmp_path / 'imgs'}", "model": "vit-micro", "methods": ["plain"],
                    "label": "x/y"}
+
+
+def test_noise_bits_are_checked_before_a_notebook_runs() -> None:
+    from workbench.nbparams import check_values
+
+    check_values({"noise_bits": "W3A8", "methods": ["plain", "dnq"]})
+    with pytest.raises(ConfigError, match="99"):
+        check_values({"noise_bits": "W99A4"})
+    with pytest.raises(ConfigError):
+        check_values({"init": "timm:resnet10x"})  # not a timm model with pretrained weights
+

@@ -179,6 +179,7 @@ def test_local_dask_cluster_without_retries_marks_the_lost_job_failed(tmp_path: 
 def test_job_clears_a_killed_attempts_folder(tmp_path: Path) -> None:
     grid = runner.load_grid(_grid(tmp_path))
     folder = tmp_path / "sweep" / "jobs" / "000"
+    threads_before = {var: os.environ.get(var) for var in runner._THREAD_VARS}
     for stale in ("executed/member.ipynb", "results/attempt-1.txt", "results/figures/half.html"):
         (folder / stale).parent.mkdir(parents=True, exist_ok=True)
         (folder / stale).write_text("left by a killed attempt")
@@ -190,6 +191,9 @@ def test_job_clears_a_killed_attempts_folder(tmp_path: Path) -> None:
     assert not (folder / "results" / "attempt-1.txt").exists()
     assert not (folder / "results" / "figures" / "half.html").exists()
     assert "left by" not in (folder / "executed" / "member.ipynb").read_text()
+    # the member's thread count reached its kernel only: this process (and every kernel it starts
+    # later, e.g. nbval's) keeps its own thread pools
+    assert {var: os.environ.get(var) for var in runner._THREAD_VARS} == threads_before
 
 
 def test_threads_by_host_share_each_hosts_cores() -> None:

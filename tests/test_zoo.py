@@ -137,8 +137,10 @@ def test_notebook_helpers_fine_tune_per_seed_and_quantize_the_parent_as_it_is(pa
     bundle = nbt.load_data("digits", seed=0, limit_train=512, limit_test=200, n_calib=64)
     init = str(parent / "model.pt")
     trained = nbt.train_seeds(["plain", "dnq"], bundle, seeds=[0, 1], init=init, model="ignored", epochs=0.5,
-                              device="cpu", w_bits=4, a_bits=4, batch_size=64, progress=False)
+                              device="cpu", noise_bits="W3A6", batch_size=64, progress=False)
     assert list(trained) == ["plain s0", "dnq s0", "plain s1", "dnq s1"]
+    # the noise target is its own setting (PTQ's bits are chosen later)
+    assert (trained["dnq s1"].method_config["w_bits"], trained["dnq s1"].method_config["a_bits"]) == (3, 6)
     assert [(t.arm, t.seed) for t in trained.values()] == [("plain", 0), ("dnq", 0), ("plain", 1), ("dnq", 1)]
     # epochs=0: no training, the parent's own weights
     only = nbt.train_methods(["plain"], bundle, init=init, model="ignored", epochs=0)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import (
@@ -173,9 +174,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init:  # a fine-tune: the parent's architecture and (by default) dataset, the fine-tune recipe
         from .zoo import load_init
 
-        if args.model_arg:
-            raise ConfigError("--model-arg changes the architecture; a fine-tune (--init) keeps its parent's")
-        parent, _, init = load_init(args.init)
+        if args.model_arg or args.image_size:
+            raise ConfigError("--model-arg and --image-size change the architecture; a fine-tune (--init) keeps its parent's")
+        if args.pretrained or args.pretrained_file:
+            raise ConfigError("--pretrained loads timm's weights and --init a checkpoint's: give one starting point")
+        if str(args.init).startswith("timm:"):
+            raise ConfigError(f"--init takes a checkpoint or zoo:NAME; for timm's weights use --model {args.init} "
+                              "--pretrained")
+        parent, parent_ckpt, init = load_init(args.init)
         if args.model is not None and args.model != init["model"]:
             raise ConfigError(f"--model {args.model} but the --init checkpoint is a {init['model']}; "
                               "leave --model out when fine-tuning")
@@ -183,7 +189,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = models.finetune_recipe(model_name)
     else:
         model_name, data_name = args.model or models.DEFAULT_MODEL, args.data or "fashion-mnist-mini"
-        recipe = models.default_recipe(model_name)
+        pretrained = bool(args.pretrained or args.pretrained_file)
+        # pretrained weights are fine-tuned like a zoo parent: a tenth of the learning rate, 1 epoch
+        recipe = models.finetune_recipe(model_name) if pretrained else models.default_recipe(model_name)
     cfg_kw = {"epochs": args.epochs, "steps": args.steps, "seed": args.seed, "device": args.device,
               "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
               "weight_decay": args.weight_decay}
@@ -193,6 +201,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(cfg_kw)
     resolve_device(cfg.device)  # an unknown or absent device fails here, before --out is touched
     bundle = data.load(data_name, data_dir=args.data_dir, seed=cfg.seed, val_size=parse_val_size(args.val_size))
+    if init is not None:  # the images as the parent saw them (its input pipeline, if it had one)
+        bundle = data.match_recorded_pipeline(bundle, parent_ckpt.get("data_info"))
+    elif pretrained:  # timm's pretrained_cfg: input size, mean/std, resize and centre crop
+        bundle = data.with_input_pipeline(bundle, **models.pretrained_input(model_name, args.image_size))
+    elif args.image_size:
+        bundle = data.with_input_pipeline(bundle, image_size=args.image_size)
     method, method_cfg = build_method(args)
     set_seed(cfg.seed)  # the same initial weights on every rank
     if init is not None:
@@ -205,7 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"but {data_name} has {have[1]}-channel {have[2]}px images in {have[0]} classes; "
                               "fine-tune on the parent's dataset (leave --data out)")
     else:
-        model = models.create(model_name, bundle.info, **parse_kv(args.model_arg, "--model-arg"))
+        model = models.create(model_name, bundle.info, pretrained=pretrained, pretrained_file=args.pretrained_file,
+                              **parse_kv(args.model_arg, "--model-arg"))
     # WORLD_SIZE > 1 (torchrun): one process group; a no-op in a single process
     distributed.init_from_env(cfg.device)
     main = distributed.is_main()  # (kept: after cleanup() every process would look like rank 0)
@@ -260,6 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           f"{name} (train with --val-size N to hold one out), or use --split test")
     bundle = data.load(name, data_dir=args.data_dir, seed=recorded["seed"], val_size=val_size,
                        **({"n_calib": recorded["n_calib"]} if same and "n_calib" in recorded else {}))
+    bundle = data.match_recorded_pipeline(bundle, ckpt.get("data_info"))
     if bundle.info.num_classes != ckpt["model_spec"]["num_classes"]:
         raise CheckpointError(f"the checkpoint has {ckpt['model_spec']['num_classes']} classes but {name} has "
                               f"{bundle.info.num_classes}")
@@ -269,6 +285,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                method=ckpt.get("method_config", {}).get("method", "plain"))
     emit(res, args.json, f"{res['model']} ({res['method']}) on {name}/{args.split}: accuracy {res['accuracy']:.2f}%, "
          f"loss {res['loss']:.4f} ({res['n']} images)")
+    return 0
+
+
+@command("notebooks")
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    """Copy the notebooks out of the installed package (or the checkout) into a folder of the user's."""
+    from .bundled import copy_notebooks
+
+    written = copy_notebooks(args.dest, overwrite=args.overwrite)
+    dest = Path(args.dest).expanduser().resolve()
+    emit({"dest": str(dest), "files": [str(p) for p in written]}, args.json,
+         f"{len(written)} files copied to {dest}; open them with `jupyter lab {dest}`")
     return 0
 
 
@@ -310,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune from these weights (a new run: its own optimizer and the fine-tune recipe, "
                    "a tenth of the model's learning rate, 1 epoch; `workbench zoo list`)")
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture override, repeatable")
+    t.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (--model timm:NAME; needs internet once, then the "
+                   "cache): its input size, mean/std and interpolation, a new head for the dataset's classes")
+    t.add_argument("--pretrained-file", default=None, metavar="PATH",
+                   help="the same, with the weights read from a local state-dict file of that timm model")
+    t.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="the model's input size: images are resized (and centre-cropped for pretrained models)")
     t.add_argument("--epochs", type=_epochs, default=None, help="epochs (a fraction trains part of the last one)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps in all, instead of --epochs")
     t.add_argument("--batch-size", type=int, default=None)
@@ -329,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     t.add_argument("--no-progress", action="store_true")
     add_json(t)
+
+    nb = sub.add_parser("notebooks", help="copy the notebooks into a folder of yours (e.g. after pip install)")
+    nb.add_argument("dest", help="the folder to copy them into (made if missing)")
+    nb.add_argument("--overwrite", action="store_true", help="replace notebooks of the same name already there")
+    add_json(nb)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("checkpoint")

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -67,6 +67,12 @@ class DataInfo:
     hflip: bool = True
     source: str = ""
     licence: str = ""
+    #: Set when the model's input differs from the stored images (a pretrained model's input
+    #: pipeline, :func:`with_input_pipeline`): the stored images' size. ``image_size`` is then the
+    #: model's input, reached by resizing to ``image_size / crop_pct`` and cropping the centre.
+    stored_size: int | None = None
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -137,9 +143,12 @@ def list_datasets() -> list[str]:
 
 
 def default_data_dir() -> Path:
-    """``$WORKBENCH_DATA_DIR`` if set, else the repository's ``data/`` folder."""
+    """``$WORKBENCH_DATA_DIR`` if set, else the repository's ``data/`` folder (in an installed
+    wheel: the copy inside the package)."""
     env = os.environ.get("WORKBENCH_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    from .bundled import bundled_dir
+
+    return Path(env) if env else bundled_dir("data")
 
 
 def load(name: str = "fashion-mnist-mini", *, data_dir: str | Path | None = None, seed: int = 0,
@@ -214,10 +223,86 @@ def val_count(val_size: int | float, n_train: int) -> int:
 
 
 def normalize(images: torch.Tensor, info: DataInfo) -> torch.Tensor:
-    """uint8 images -> float, scaled to [0, 1] then standardized with the dataset's mean/std."""
+    """uint8 images -> the model's float input: scaled to [0, 1], resized and centre-cropped when
+    ``info`` carries an input pipeline (:func:`with_input_pipeline`), then standardized with
+    ``info``'s mean/std."""
+    x = images.float().div_(255.0)
+    if info.stored_size is not None:
+        x = resize_center_crop(x, info.image_size, info.crop_pct, info.interpolation)
     mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255.0) - mean) / std
+    return (x - mean) / std
+
+
+#: Interpolations of timm's ``pretrained_cfg`` that torch's ``interpolate`` has (PIL's names).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def resize_center_crop(x: torch.Tensor, size: int, crop_pct: float = 1.0,
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    """timm's evaluation transform on a float batch in [0, 1]: resize the (square) images to
+    ``floor(size / crop_pct)``, then keep the central ``size`` x ``size`` pixels."""
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    scale = int(math.floor(size / crop_pct))
+    if x.shape[-1] != scale or x.shape[-2] != scale:
+        smooth = interpolation != "nearest"
+        x = F.interpolate(x, size=(scale, scale), mode=interpolation,
+                          **({"align_corners": False, "antialias": True} if smooth else {}))
+        x = x.clamp_(0.0, 1.0)  # bicubic overshoots; the pixel values it stands for do not
+    top = (scale - size) // 2
+    return x[..., top:top + size, top:top + size]
+
+
+def with_input_pipeline(bundle: DataBundle, *, image_size: int, mean: tuple[float, ...] | None = None,
+                        std: tuple[float, ...] | None = None, crop_pct: float = 1.0,
+                        interpolation: str = "bilinear") -> DataBundle:
+    """``bundle`` fed to a model that wants another input: ``image_size`` pixels (resize to
+    ``image_size / crop_pct``, centre crop) standardized with ``mean``/``std`` (e.g. a pretrained
+    timm model's ``pretrained_cfg``). The images stay stored at their own size; batches are
+    transformed as they are made. A 3-value mean/std on 1-channel images is averaged: timm sums a
+    pretrained RGB stem over its channels, so a grey image stands for R = G = B.
+
+    Raises:
+        ConfigError: a size below 1, a crop fraction outside (0, 1], an unknown interpolation,
+            or a mean/std whose length fits neither the images' channels nor 3.
+    """
+    info = bundle.info
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a whole number of pixels >= 1, got {image_size!r}")
+    if not 0.0 < float(crop_pct) <= 1.0:
+        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+
+    def per_channel(values: tuple[float, ...] | None, current: tuple[float, ...], what: str) -> tuple[float, ...]:
+        if values is None:
+            return current
+        values = tuple(float(v) for v in values)
+        if len(values) == info.channels:
+            return values
+        if info.channels == 1 and len(values) == 3:
+            return (round(sum(values) / 3, 6),)
+        raise ConfigError(f"{what} has {len(values)} values but {info.name} has {info.channels}-channel images")
+
+    stored = info.stored_size if info.stored_size is not None else info.image_size
+    new = replace(info, image_size=image_size, stored_size=stored, crop_pct=float(crop_pct),
+                  interpolation=interpolation, mean=per_channel(mean, info.mean, "mean"),
+                  std=per_channel(std, info.std, "std"))
+    pipeline = {"image_size": image_size, "mean": list(new.mean), "std": list(new.std),
+                "crop_pct": float(crop_pct), "interpolation": interpolation}
+    return replace(bundle, info=new, params={**bundle.params, "input_pipeline": pipeline})
+
+
+def match_recorded_pipeline(bundle: DataBundle, recorded_info: dict | None) -> DataBundle:
+    """``bundle`` with the input pipeline a checkpoint was trained with (its ``data_info``), so
+    that evaluation, PTQ and flatness see the images the model saw. Without one: unchanged."""
+    if not recorded_info or recorded_info.get("stored_size") is None:
+        return bundle
+    return with_input_pipeline(bundle, image_size=int(recorded_info["image_size"]),
+                               mean=tuple(recorded_info["mean"]), std=tuple(recorded_info["std"]),
+                               crop_pct=float(recorded_info.get("crop_pct", 1.0)),
+                               interpolation=recorded_info.get("interpolation", "bilinear"))
 
 
 def augment_batch(images: torch.Tensor, info: DataInfo, generator: torch.Generator,

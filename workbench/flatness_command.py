@@ -92,6 +92,7 @@ def run_flatness_command(args: Any) -> int:
         raise ConfigError("the checkpoint does not record its dataset")
     bundle = data.load(name, data_dir=args.data_dir, seed=recorded["seed"], n_calib=args.n_samples,
                        val_size=recorded["val_size"])
+    bundle = data.match_recorded_pipeline(bundle, ckpt.get("data_info"))
     # the calibration split: a seed-fixed subset of the training images, without augmentation
     batches = list(data.batches(bundle.calib, bundle.info, args.batch_size, device=device))
     any_measure = args.trace or args.eig or args.density or args.landscape

@@ -50,7 +50,7 @@ def absolute_paths(params: Mapping[str, Any], cwd: str | Path | None = None) -> 
         elif name == "data" and isinstance(value, str) and value.startswith(IMAGEFOLDER):
             out[name] = IMAGEFOLDER + absolute(value[len(IMAGEFOLDER):])
         elif name == "init" and isinstance(value, (str, os.PathLike)) and str(value) \
-                and not str(value).startswith("zoo:"):  # a checkpoint path; zoo:NAME is a name
+                and not str(value).startswith(("zoo:", "timm:")):  # a checkpoint path; zoo:/timm:NAME are names
             out[name] = absolute(value)
     return out
 
@@ -109,8 +109,8 @@ def _train(p: Mapping[str, Any]) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)):
             raise ConfigError(f"epochs must be a number, got {epochs!r}")
         if epochs == 0 and not p.get("init"):
-            raise ConfigError("epochs=0 trains nothing: it needs a trained starting point (init='zoo:NAME' or a "
-                              "checkpoint path)")
+            raise ConfigError("epochs=0 trains nothing: it needs a trained starting point (init='zoo:NAME', a "
+                              "checkpoint path or timm:NAME)")
         if epochs != 0:  # 0 with init: quantize the parent without training
             fields["epochs"] = epochs
     TrainConfig.from_dict({**fields, **extra})
@@ -125,6 +125,10 @@ def _init(p: Mapping[str, Any]) -> None:
     text = str(init)
     if text.startswith(zoo.PREFIX):
         zoo.path(text[len(zoo.PREFIX):])  # unknown name, not built here, or a damaged file
+    elif text.startswith(zoo.TIMM_PREFIX):
+        from .models import pretrained_input
+
+        pretrained_input(text)  # not a timm model with pretrained weights (the download is checked when loaded)
     elif not Path(text).is_file():
         raise ConfigError(f"no checkpoint at {text}: give a model.pt path or zoo:NAME (`workbench zoo list`)")
 
@@ -146,6 +150,10 @@ def _methods(p: Mapping[str, Any]) -> None:
     if not isinstance(extra, Mapping):
         raise ConfigError("method_args must be a mapping of MethodConfig fields, e.g. {'rho': 0.1}")
     common = {k: p[k] for k in ("w_bits", "a_bits", "noise_mult") if k in p}
+    if p.get("noise_bits") is not None:  # the noise target, where a notebook separates it from PTQ's bits
+        from .quant import parse_bits_pair
+
+        common["w_bits"], common["a_bits"] = parse_bits_pair(str(p["noise_bits"]))
     for name in names:
         MethodConfig.from_dict({**common, **extra, "method": name})
 
@@ -156,6 +164,13 @@ def _bits(p: Mapping[str, Any]) -> None:
     bits = p["bits"]
     for b in bits if isinstance(bits, (list, tuple)) else [bits]:
         parse_bits_pair(str(b))
+
+
+def _noise_bits(p: Mapping[str, Any]) -> None:
+    from .quant import parse_bits_pair
+
+    if p.get("noise_bits") is not None:
+        parse_bits_pair(str(p["noise_bits"]))
 
 
 def _registry(key: str, registry_of: str, passthrough: str | None = None):
@@ -199,8 +214,9 @@ _CHECKS = (
     (("epochs", "batch_size", "seed", "train_args", "init"), _train),
     (("init",), _init),
     (("device",), _device),
-    (("method", "methods", "method_args", "w_bits", "a_bits", "noise_mult"), _methods),
+    (("method", "methods", "method_args", "w_bits", "a_bits", "noise_bits", "noise_mult"), _methods),
     (("bits",), _bits),
+    (("noise_bits",), _noise_bits),
     (("data",), _registry("data", "data", "imagefolder:")),
     (("model",), _registry("model", "model", "timm:")),
     (("observers",), _registry("observers", "observer")),

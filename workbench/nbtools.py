@@ -45,9 +45,10 @@ OUT_ROOT_ENV = "WORKBENCH_OUT_ROOT"
 QUICK_PROFILE: dict[str, Any] = {
     "data": "fashion-mnist-mini",
     "model": "vit-micro",
-    # a shrunken vit-micro: 2 blocks, dim 64, narrow conv stem (~60k params)
-    "model_args": {"depth": 2, "embed_dim": 64, "num_heads": 2, "stem_width": 32},
-    "epochs": 2,
+    "model_args": {},  # the model's own architecture; a fine-tune keeps its parent's anyway
+    # a converged parent (84 % on fashion-mnist-mini): notebooks fine-tune it rather than train
+    # from scratch, since the second-order argument needs a model near a minimum
+    "init": "zoo:vit-micro-mini-s0",
     "seed": 0,
     "device": "cpu",
     "limit_train": 2000,  # training images used (0 = all)
@@ -59,7 +60,7 @@ QUICK_PROFILE: dict[str, Any] = {
 #: The full profile: what ``workbench run --profile full`` passes on top of the defaults.
 FULL_PROFILE: dict[str, Any] = {
     "model_args": {},
-    "epochs": 10,
+    "epochs": 3,  # fine-tune epochs (06_study_member trains from scratch: give it epochs=None, its recipe)
     "device": "auto",
     "limit_train": 0,
     "limit_test": 0,
@@ -86,9 +87,12 @@ def quick_profile(**overrides: Any) -> dict[str, Any]:
 
 
 def default_out_root() -> Path:
-    """``$WORKBENCH_OUT_ROOT`` if set, else ``runs/notebooks`` in the repository."""
+    """``$WORKBENCH_OUT_ROOT`` if set, else ``runs/notebooks`` in the repository, or in the
+    working directory (the notebook's folder) when the workbench is an installed wheel."""
+    from .bundled import repo_root
+
     env = os.environ.get(OUT_ROOT_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "runs" / "notebooks"
+    return Path(env) if env else (repo_root() or Path.cwd()) / "runs" / "notebooks"
 
 
 def prepare_out_dir(out_dir: str | Path | None, notebook: str) -> Path:
@@ -168,9 +172,23 @@ def subset_bundle(bundle: wdata.DataBundle, limit_train: int | None = None, limi
 
 
 def load_data(name: str, *, seed: int = 0, limit_train: int | None = None, limit_test: int | None = None,
-              n_calib: int = 128, data_dir: str | Path | None = None) -> wdata.DataBundle:
-    """:func:`workbench.data.load` then :func:`subset_bundle` (introduced in 00_quickstart)."""
+              n_calib: int = 128, data_dir: str | Path | None = None, init: str | Path | None = None,
+              image_size: int | None = None) -> wdata.DataBundle:
+    """:func:`workbench.data.load` then :func:`subset_bundle` (introduced in 00_quickstart).
+
+    With ``init`` (the notebooks' starting point) the images are fed as that model wants them:
+    a pretrained ``timm:NAME`` gets timm's input size, mean/std, resize and centre crop
+    (``image_size`` replaces its size); a checkpoint trained with such a pipeline gets the same.
+    """
+    from .zoo import TIMM_PREFIX, init_data_info
+
     bundle = wdata.load(name, data_dir=data_dir, seed=seed, n_calib=max(n_calib, 1))
+    if init and str(init).startswith(TIMM_PREFIX):
+        bundle = wdata.with_input_pipeline(bundle, **wmodels.pretrained_input(str(init), image_size))
+    elif init:
+        bundle = wdata.match_recorded_pipeline(bundle, init_data_info(init))
+    elif image_size:
+        bundle = wdata.with_input_pipeline(bundle, image_size=int(image_size))
     return subset_bundle(bundle, limit_train, limit_test, n_calib, seed)
 
 
@@ -256,7 +274,8 @@ def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bund
     same = (spec.get("name") == model_name and spec.get("overrides", {}) == dict(model_args)
             and ckpt.get("data_info", {}).get("name") == bundle.info.name
             and all(saved_method.get(k) == v for k, v in method_cfg.items() if k in saved_method)
-            and (ckpt.get("extra", {}).get("init") or {}).get("sha256") == init_sha
+            and _parent_id(ckpt.get("extra", {}).get("init")) == init_sha
+            and ckpt.get("data_info", {}).get("image_size") == bundle.info.image_size
             and (seed is None or ckpt.get("train_config", {}).get("seed") == seed))
     if not same:
         log.warning("not reusing %s: it was trained with another model, dataset, method setting, parent or seed",
@@ -273,16 +292,21 @@ def _check_parent_fits(spec: dict[str, Any], bundle: wdata.DataBundle, init: str
                           f"{info.image_size}px images in {info.num_classes} classes; pick the parent's dataset")
 
 
+def _parent_id(record: dict[str, Any] | None) -> str | None:
+    """What identifies a starting point: its file's sha256, or the timm name of pretrained weights."""
+    return (record.get("sha256") or record.get("source")) if record else None
+
+
 def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu") -> dict[str, Trained]:
     """``{"parent": Trained}``: a trained starting point as it is, without training: the
     reference row of a fine-tune comparison, or the quantize-only path."""
     from .zoo import load_init
 
-    parent, ckpt, record = load_init(init, resolve_device(device))
+    parent, ckpt, record = load_init(init, resolve_device(device), info=bundle.info)
     _check_parent_fits(parent.workbench_spec, bundle, init)
     return {"parent": Trained("parent", parent.eval(), dict(ckpt.get("metrics", {})),
                               list(ckpt.get("extra", {}).get("history", [])), dict(ckpt.get("method_config", {})),
-                              Path(record["file"]), reused=True)}
+                              Path(record["file"]) if record["file"] else None, reused=True)}
 
 
 def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBundle, *, model: str,
@@ -291,8 +315,12 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
                   noise_mult: float = 1.0, batch_size: int = 128, out_dir: str | Path | None = None,
                   ckpt_dir: str | Path | None = None, progress: bool = True,
                   callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-                  train_args: dict[str, Any] | None = None, init: str | Path | None = None) -> dict[str, Trained]:
+                  train_args: dict[str, Any] | None = None, init: str | Path | None = None,
+                  noise_bits: str | None = None) -> dict[str, Trained]:
     """Train one model per method from the same starting point (introduced in 00_quickstart).
+
+    ``noise_bits`` (``"W4A4"``, ``"W3A8"``, ...) is the precision the noise methods imitate; when
+    given it replaces ``w_bits`` and ``a_bits``. It says nothing about the PTQ applied later.
 
     ``init`` (``zoo:NAME`` or a checkpoint path; see :mod:`workbench.zoo`): every method
     fine-tunes the same trained parent with the model's fine-tune recipe for ``epochs`` (a
@@ -313,6 +341,10 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
     from .train import TrainConfig, fit
 
     model_args = dict(model_args or {})
+    if noise_bits is not None:
+        from .quant import parse_bits_pair
+
+        w_bits, a_bits = parse_bits_pair(noise_bits)
     dev = resolve_device(device)
     record = None
     if init:
@@ -320,7 +352,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
 
         if not epochs:
             return load_parent(init, bundle, device=device)
-        parent, parent_ckpt, record = load_init(init, dev)
+        parent, parent_ckpt, record = load_init(init, dev, info=bundle.info)
         model, model_args = record["model"], dict(parent_ckpt["model_spec"].get("overrides", {}))
         _check_parent_fits(parent.workbench_spec, bundle, init)
         recipe = wmodels.finetune_recipe(model)
@@ -340,7 +372,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
         method_cfg = MethodConfig.from_dict(mcfg).to_dict()
         saved = Path(ckpt_dir) / label / "model.pt" if ckpt_dir else None
         if saved is not None and saved.is_file() and _reusable(saved, model, model_args, bundle, method_cfg,
-                                                               record["sha256"] if record else None, int(seed)):
+                                                               _parent_id(record), int(seed)):
             net, ckpt = load_model(saved, dev)
             out[label] = Trained(label, net, dict(ckpt.get("metrics", {})), list(ckpt["extra"].get("history", [])),
                                  ckpt.get("method_config", {}), saved, reused=True)

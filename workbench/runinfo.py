@@ -77,8 +77,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any]:
-    """The commit of the workbench checkout (``None`` outside a git checkout) and a dirty flag."""
-    repo = repo or Path(__file__).resolve().parents[1]
+    """The commit of the workbench checkout (``None`` outside a git checkout, e.g. an installed
+    wheel: whatever repository the environment sits in is not the workbench's) and a dirty flag."""
+    from .bundled import repo_root
+
+    repo = repo or repo_root()
+    if repo is None:
+        return {"commit": None, "dirty": None}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .bundled import bundled_dir
 from .errors import ConfigError, NotebookError, RunDirError
 from .nbparams import absolute_paths, check_notebook, literal_defaults
 from .runinfo import prepare_run_dir, run_metadata, write_csv, write_json
@@ -37,7 +38,7 @@ from .runinfo import prepare_run_dir, run_metadata, write_csv, write_json
 log = logging.getLogger(__name__)
 
 #: The repository's notebooks folder (the default notebook set).
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = bundled_dir("notebooks")
 #: Notebooks that take ``ckpt_dir`` reuse the checkpoints 00_quickstart trained in the same run.
 CHECKPOINT_SOURCE = "00_quickstart"
 #: The notebook that aggregates a run (it gets ``results_dir``).
@@ -337,6 +338,30 @@ SWEEP_ENGINES = ("local", "dask")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+@contextlib.contextmanager
+def _kernel_threads(threads: int | None) -> Iterator[None]:
+    """Size the thread pools of the kernels started inside the block, then restore this process's.
+
+    A kernel reads them from its environment at start-up, so N concurrent jobs share the cores instead
+    of oversubscribing them (on Dask it also replaces the nanny's default of 1 thread, which would
+    starve a lone member). Restoring matters: a one-job sweep runs ``_job`` in the caller's process, and
+    a leaked ``OMP_NUM_THREADS=1`` would make every kernel started later single-threaded.
+    """
+    if not threads:
+        yield
+        return
+    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
+    os.environ.update({var: str(threads) for var in _THREAD_VARS})
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
 def _job(args: dict[str, Any]) -> dict[str, Any]:
     """One sweep member, in a local worker process or on a Dask worker (top-level so it pickles).
 
@@ -353,18 +378,15 @@ def _job(args: dict[str, Any]) -> dict[str, Any]:
     threads = args.get("threads")
     if not threads and args.get("engine") == "dask":
         threads = _dask_threads(args.get("threads_by_host") or {})
-    if threads:
-        # The kernel inherits this: N concurrent jobs share the cores instead of oversubscribing them
-        # (on Dask it also replaces the nanny's default of 1 thread, which would starve a lone member).
-        for var in _THREAD_VARS:
-            os.environ[var] = str(threads)
     notebook, folder = Path(args["notebook"]), Path(args["folder"])
     if not notebook.is_file():
         raise ConfigError(f"{notebook} is not visible on {socket.gethostname()}: cluster workers need the "
                           "notebooks and the sweep folder on a shared filesystem, at the same paths")
     for sub in ("executed", "results"):
         shutil.rmtree(folder / sub, ignore_errors=True)
-    row = execute_notebook(notebook, args["executed"], args["parameters"], html=args["html"], cwd=notebook.parent)
+    with _kernel_threads(threads):
+        row = execute_notebook(notebook, args["executed"], args["parameters"], html=args["html"],
+                               cwd=notebook.parent)
     return {**row, "job": args["job"], "point": args["point"], "host": socket.gethostname(), "threads": threads}
 
 

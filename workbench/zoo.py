@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, RunDirError
+from .errors import CheckpointError, ConfigError, RunDirError
 from .registry import Registry
 from .runinfo import atomic_write_text
 
@@ -70,9 +70,12 @@ _recipe("cnn-small-mini", "cnn-small on fashion-mnist-mini, default 6-epoch reci
 
 
 def zoo_dir() -> Path:
-    """``$WORKBENCH_ZOO_DIR`` if set, else ``data/zoo`` in the repository."""
+    """``$WORKBENCH_ZOO_DIR`` if set, else ``data/zoo`` in the repository (in an installed wheel:
+    the copy inside the package)."""
+    from .bundled import bundled_dir
+
     env = os.environ.get(ZOO_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "zoo"
+    return Path(env) if env else bundled_dir("data") / "zoo"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -143,20 +146,58 @@ def load(name: str, device: str | Any = "cpu", folder: str | Path | None = None)
     return load_model(path(name, folder), device)
 
 
-def load_init(source: str | Path, device: str | Any = "cpu") -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The starting point of a fine-tune: ``zoo:NAME`` or a checkpoint path.
+#: The prefix of a pretrained timm model as a starting point (``init="timm:vit_tiny_patch16_224"``).
+TIMM_PREFIX = "timm:"
 
-    Returns:
-        ``(model, checkpoint, record)``; ``record`` (source, file, sha256, the parent's model,
-        data, method and metrics) goes into the fine-tune's ``run.json`` and checkpoints.
+
+def init_file(source: str | Path) -> Path:
+    """The checkpoint file of a starting point: ``zoo:NAME`` (sha256-verified) or a path.
+
+    Raises:
+        CheckpointError: no such file (or a zoo checksum mismatch).
     """
-    from .checkpoint import load_model
-
     text = str(source)
     file = path(text[len(PREFIX):]) if text.startswith(PREFIX) else Path(text).expanduser().resolve()
     if not file.is_file():
         raise CheckpointError(f"--init {text}: no such checkpoint; give a model.pt path or zoo:NAME "
                               f"(`workbench zoo list`)")
+    return file
+
+
+def init_data_info(source: str | Path) -> dict[str, Any] | None:
+    """The ``data_info`` a checkpoint starting point was trained with (its dataset and input
+    pipeline); ``None`` for a pretrained ``timm:NAME``, whose pipeline is timm's."""
+    from .checkpoint import load_checkpoint
+
+    if str(source).startswith(TIMM_PREFIX):
+        return None
+    return load_checkpoint(init_file(source)).get("data_info")
+
+
+def load_init(source: str | Path, device: str | Any = "cpu", info: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The starting point of a fine-tune: ``zoo:NAME``, a checkpoint path, or ``timm:NAME``
+    (timm's pretrained weights, with a new head for ``info``'s classes: give ``info``, a
+    :class:`workbench.data.DataInfo` already carrying the model's input pipeline).
+
+    Returns:
+        ``(model, checkpoint, record)``; ``record`` (source, file, sha256, the parent's model,
+        data, method and metrics) goes into the fine-tune's ``run.json`` and checkpoints. For
+        ``timm:NAME`` the checkpoint is a stand-in holding the model spec and data info.
+    """
+    from .checkpoint import load_model
+
+    text = str(source)
+    if text.startswith(TIMM_PREFIX):
+        from .models import create
+
+        if info is None:
+            raise ConfigError(f"init={text!r} needs the dataset (info) to size the new classifier head")
+        model = create(text, info, pretrained=True).to(device)
+        ckpt = {"model_spec": model.workbench_spec, "data_info": info.to_dict(), "metrics": {}}
+        record = {"source": text, "file": None, "sha256": None, "model": text, "data": info.name,
+                  "method": "pretrained", "metrics": {}}
+        return model, ckpt, record
+    file = init_file(text)
     model, ckpt = load_model(file, device)
     record = {"source": text, "file": str(file), "sha256": sha256_file(file),
               "model": ckpt["model_spec"].get("name"), "data": ckpt.get("data_info", {}).get("name"),

@@ -18,6 +18,7 @@ from ._registry import (
     default_recipe,
     finetune_recipe,
     list_models,
+    pretrained_input,
     register_model,
 )
 
@@ -54,4 +55,4 @@ def model_summary(model: nn.Module) -> dict:
 
 
 __all__ = ["DEFAULT_MODEL", "MODELS", "RECIPES", "count_flops", "default_recipe", "finetune_recipe", "count_parameters", "create", "list_models",
-           "model_summary", "register_model"]
+           "model_summary", "pretrained_input", "register_model"]

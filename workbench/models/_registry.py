@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ModelError, UnknownNameError
+from ..errors import ConfigError, ModelError, UnknownNameError
 from ..registry import Registry
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,46 @@ def list_models() -> list[str]:
     return MODELS.names() + ["timm:<any timm model name>"]
 
 
+def pretrained_input(name: str, image_size: int | None = None) -> dict[str, Any]:
+    """The input a pretrained ``timm:NAME`` model was trained on, from timm's ``pretrained_cfg``:
+    ``image_size``, ``mean``, ``std``, ``crop_pct`` and ``interpolation``, the keywords of
+    :func:`workbench.data.with_input_pipeline`. ``image_size`` replaces the model's own size
+    (a ViT's position embedding is then resampled by timm).
+
+    Raises:
+        ConfigError: ``name`` is not a timm model, or timm has no pretrained weights for it.
+    """
+    from ..data import INTERPOLATIONS
+
+    if not str(name).startswith("timm:"):
+        raise ConfigError(f"pretrained weights come from timm: use --model timm:NAME, not {name!r} "
+                          "(a workbench model starts from a checkpoint instead: --init CKPT or zoo:NAME)")
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name[5:])
+    if cfg is None or not cfg.input_size:
+        raise ConfigError(f"timm has no pretrained weights for {name[5:]!r}; pick a name from "
+                          "`python -c \"import timm; print(timm.list_pretrained())\"`")
+    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic"
+    return {"image_size": int(image_size or cfg.input_size[-1]), "mean": tuple(cfg.mean), "std": tuple(cfg.std),
+            "crop_pct": float(cfg.crop_pct or 1.0), "interpolation": interpolation}
+
+
 def create(name: str = DEFAULT_MODEL, info: Any = None, *, num_classes: int | None = None,
            in_chans: int | None = None, img_size: int | None = None, pretrained: bool = False,
-           **overrides: Any) -> nn.Module:
+           pretrained_file: str | Path | None = None, **overrides: Any) -> nn.Module:
     """Build a model for a dataset.
 
     Args:
         name: a registered name (``workbench models``) or ``timm:<timm model name>``.
         info: a :class:`workbench.data.DataInfo`; supplies classes, channels and image size
             unless given explicitly.
-        pretrained: load timm hub weights (needs internet access).
+        pretrained: load timm's pretrained weights (from the hub, or its cache: needs internet
+            access once). A new classifier head is made when the class count differs, and the
+            stem is adapted to the input channels (timm's own loading code). Feed the model
+            :func:`pretrained_input`'s pipeline (``workbench train --pretrained`` does).
+        pretrained_file: load the pretrained weights from this local file instead of the hub
+            (a ``.pth``/``.safetensors`` state dict of the same timm model); implies ``pretrained``.
         **overrides: architecture overrides (e.g. ``depth=6, embed_dim=192``); ``None``
             values are dropped so per-model defaults survive.
 
@@ -72,8 +103,18 @@ def create(name: str = DEFAULT_MODEL, info: Any = None, *, num_classes: int | No
     in_chans = in_chans if in_chans is not None else (info.channels if info else 1)
     img_size = img_size if img_size is not None else (info.image_size if info else 28)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if pretrained_file is not None:
+        pretrained_file = Path(pretrained_file).expanduser()
+        if not pretrained_file.is_file():
+            raise ConfigError(f"pretrained weights file {str(pretrained_file)!r} does not exist")
+        pretrained = True
+    if pretrained_file is not None and not name.startswith("timm:"):
+        raise ConfigError(f"a pretrained weights file is read by timm's loader: use timm:NAME, not {name!r}")
     if name.startswith("timm:"):
+        if pretrained_file is not None:
+            overrides["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
         model = _create_timm(name[5:], num_classes, in_chans, img_size, pretrained, **overrides)
+        overrides.pop("pretrained_cfg_overlay", None)
     else:
         builder = MODELS.get(name)
         try:
@@ -83,6 +124,8 @@ def create(name: str = DEFAULT_MODEL, info: Any = None, *, num_classes: int | No
             raise ModelError(f"cannot build model {name!r} with overrides {overrides}: {e}") from e
     model.workbench_spec = {"name": name, "num_classes": num_classes, "in_chans": in_chans,
                             "img_size": img_size, "overrides": dict(overrides)}
+    if pretrained:  # a record only: a checkpoint rebuilds the architecture and loads its own weights
+        model.workbench_spec["pretrained"] = str(pretrained_file) if pretrained_file else "timm"
     return model
 
 

@@ -194,7 +194,7 @@ def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig],
         ConfigError: a checkpoint records no dataset.
     """
     from ..checkpoint import load_model
-    from ..data import DataInfo, batches, load
+    from ..data import DataInfo, batches, load, match_recorded_pipeline
 
     configs = list(configs)
     n_calib = max((c.n_calib for c in configs), default=256)
@@ -208,7 +208,7 @@ def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig],
         key = (info.name, int((ckpt.get("train_config") or {}).get("seed", 0)))
         if key not in cache:
             cache[key] = load(info.name, data_dir=data_dir, n_calib=max(n_calib, 512), seed=key[1])
-        data = cache[key]
+        data = match_recorded_pipeline(cache[key], ckpt["data_info"])  # the images as the model saw them
         calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
         evals = list(batches(data.test, data.info, batch_size, limit=n_eval, device=device or "cpu"))
         method = (ckpt.get("method_config") or {}).get("method", "plain")
