@@ -4,7 +4,6 @@ configurations, so they would not notice PTQ falling to chance. Slow: one real r
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,12 @@ from workbench import runner, zoo
 
 #: points a fine-tune may lose against its parent's full-precision accuracy on the same images
 FP_MARGIN = 3.0
-#: points a lower bit width may score above a higher one: 5 of the 500 test images. W4A4 flips a
-#: few predictions either way (measured: +0.6 over FP32 for one fine-tune); W3A3 loses 5-20 points.
-ORDER_SLACK = 1.0
+#: Accuracy on 500 test images moves in steps of 0.2 points, and W4A4 rounding can flip a few
+#: predictions either way: measured up to +1.6 points over FP32 for one fine-tune. So the order
+#: "fewer bits, worse model" is asserted on the test *loss* (what the second-order argument is
+#: about; measured 0.51 FP32 < 0.55-0.60 W4A4 < 0.68-1.22 W3A3), strictly, and on accuracy only
+#: between FP32 and W3A3 (5-22 points apart).
+W4A4_FLOOR = 50.0  # chance is 10 %
 
 
 @pytest.mark.slow
@@ -26,24 +28,23 @@ def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(
     assert row["status"] == "ok", row.get("message")
     rows = json.loads((tmp_path / "res" / "ptq.json").read_text())
     acc = {(r["label"], r["config"], r["observer"]): r["accuracy"] for r in rows}
+    loss = {(r["label"], r["config"], r["observer"]): r["loss"] for r in rows}
     fp = {r["label"]: r["accuracy"] for r in rows if r["config"] == "FP32"}
+    fp_loss = {r["label"]: r["loss"] for r in rows if r["config"] == "FP32"}
     # the parent is the zoo model the defaults name, converged (>= 83 % on the full test split)
     assert defaults["init"].strip("\"'") == "zoo:vit-micro-mini-s0"
     assert zoo.info("vit-micro-mini-s0")["metrics"]["test_accuracy"] >= 83.0
     for label, value in fp.items():
         assert value >= fp["parent"] - FP_MARGIN, (label, value, fp["parent"])
-    # accuracy does not rise as the bits fall, for every model and observer; W4A4 stays far above chance
-    order = ["FP32", "W4A4", "W3A3"]
-    by_model = defaultdict(dict)
-    for (label, config, observer), value in acc.items():
-        by_model[(label, observer)][config] = value
-    for (label, observer), got in by_model.items():
-        got.setdefault("FP32", fp[label])
-        for hi, lo in zip(order, order[1:]):
-            if hi in got and lo in got:
-                assert got[lo] <= got[hi] + ORDER_SLACK, (label, observer, got)
-        if "W4A4" in got:
-            assert got["W4A4"] > 50.0, (label, observer, got)  # chance is 10 %
+    # the loss rises as the bits fall, for every model and observer; W3A3 costs accuracy; W4A4 is far
+    # above chance
+    models = {(label, observer) for (label, config, observer) in acc if config != "FP32"}
+    assert len(models) == 5 * 2  # parent + 2 arms x 2 seeds, 2 observers
+    for label, observer in models:
+        losses = [fp_loss[label], loss[(label, "W4A4", observer)], loss[(label, "W3A3", observer)]]
+        assert losses == sorted(losses) and len(set(losses)) == 3, (label, observer, losses)
+        assert acc[(label, "W3A3", observer)] < fp[label], (label, observer)
+        assert acc[(label, "W4A4", observer)] > W4A4_FLOOR, (label, observer)
     # every arm and seed was paired with plain of the same seed
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     dnq = [r for r in summary if r["arm"] == "dnq" and r["config"] != "FP32"]
