@@ -254,3 +254,14 @@ def test_ctrl_c_exits_130_and_resume_through_the_cli_finishes(tmp_path, capsys):
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
     run = json.loads((out / "run.json").read_text())
     assert run["params"]["method"]["method"] == "sam" and run["params"]["method"]["rho"] == 0.07
+
+
+def test_ptq_bias_correction_flag_reaches_the_rows(tiny_ckpt, capsys):
+    assert cli.main(["ptq", str(tiny_ckpt), "--bits", "4", "--n-calib", "64", "--n-eval", "100", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main(["ptq", str(tiny_ckpt), "--bits", "4", "--n-calib", "64", "--n-eval", "100", "--json",
+                     "--bias-correction"]) == 0
+    corrected = json.loads(capsys.readouterr().out)
+    assert [r["ptq_method"] for r in plain] == [None, "rtn"]
+    assert [r["ptq_method"] for r in corrected] == [None, "rtn+bc"]
+    assert corrected[1]["loss"] != plain[1]["loss"]  # the biases moved

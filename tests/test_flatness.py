@@ -395,14 +395,18 @@ def test_report_leaves_model_unchanged_and_restores_modes():
 def test_damage_table_ranks_measures():
     x, y = _data(_mlp())
     models = {}
-    for i, scale in enumerate([0.5, 1.0, 2.0]):
+    for i, scale in enumerate([0.5, 0.75, 1.0, 1.5, 2.0]):
         m = _mlp()
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(scale)
         models[f"m{i}"] = m
+    few = dict(list(models.items())[:2])
+    refused = fl.damage_table(few, (x, y), w_bits=(4,), max_probes=5, eig=0, sharpness=False)
+    assert refused["spearman"] == {} and "no rank correlation" in refused["spearman_note"]
+    assert len(refused["rows"]) == 2  # the measurements themselves are still there
     out = fl.damage_table(models, (x, y), w_bits=(4,), max_probes=5, eig=1, eig_max_iter=20, sharpness=False)
-    assert len(out["rows"]) == 3
+    assert len(out["rows"]) == fl.MIN_RANK_MODELS
     assert set(out["spearman"]["W4"]) == set(fl.MEASURES)
     stats = pytest.importorskip("scipy.stats")
     rows = out["rows"]

@@ -473,3 +473,55 @@ def test_hooked_quantizers_are_called_not_bypassed() -> None:
     n_quantizers = sum(isinstance(m, ActQuantizer) and m.mode == "quant" for m in qm.modules())
     assert len(seen) == n_quantizers and {"q", "k", "v", "softmax", "input"} <= set(seen)
     assert torch.allclose(hooked, fast, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# bias correction
+
+
+def test_bias_correction_of_one_layer_is_the_closed_form_shift() -> None:
+    """Weights only: the quantized layer's mean output on the calibration set moves by
+    ``(W_q - W) mean(x)``; bias correction adds exactly the opposite to the bias."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 5))
+    x = torch.randn(64, 12, generator=g) + 0.7  # a non-zero mean input: the shift is visible
+    cfg = PTQConfig(w_bits=3, a_bits=None)
+    plain = quantize_model(model, cfg)
+    corrected = quantize_model(model, cfg.replace(bias_correction=True), [x])
+    w, wq = model[0].weight.double(), plain.model[0].weight_q.double()
+    want = model[0].bias.double() - (wq - w) @ x.double().mean(0)
+    torch.testing.assert_close(corrected.model[0].layer.bias.double(), want, rtol=0, atol=1e-6)
+    assert torch.equal(plain.model[0].layer.bias, model[0].bias)  # off by default
+    assert cfg.replace(bias_correction=True).method == "rtn+bc" and cfg.method == "rtn"
+
+
+def test_bias_correction_matches_every_layers_mean_output_in_order() -> None:
+    """Weights and activations quantized, bias-free layers included: after correction each
+    layer's mean output per channel on the calibration images equals the full-precision one,
+    with every earlier layer's correction in place (the layers are done in order)."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                          nn.GELU(), nn.Linear(8, 3, bias=False)).eval()
+    x = torch.randn(48, 2, 8, 8, generator=g)
+    batches = ((x[i:i + 16], torch.zeros(16)) for i in range(0, 48, 16))  # an iterator: read twice
+    qm = quantize_model(model, PTQConfig(w_bits=3, a_bits=4, bias_correction=True, n_calib=48), batches)
+    names = ["0", "3", "5"]
+    got, want = {}, {}
+    hooks = [qm.model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o))
+             for n in names]
+    hooks += [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: want.__setitem__(n, o))
+              for n in names]
+    with torch.no_grad():
+        qm(x)
+        model(x)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        dims = (0, 2, 3) if got[n].dim() == 4 else (0,)
+        torch.testing.assert_close(got[n].double().mean(dims), want[n].double().mean(dims), rtol=0, atol=1e-5)
+    # without the correction the means differ (so the check above can fail)
+    raw = quantize_model(model, PTQConfig(w_bits=3, a_bits=4, n_calib=48), [x])
+    with torch.no_grad():
+        out = raw(x)
+    assert (out.double().mean(0) - model(x).double().mean(0)).abs().max() > 1e-3
+    assert qm.model.get_submodule("0").layer.bias is not None and model[0].bias is None  # original untouched

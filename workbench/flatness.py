@@ -1357,13 +1357,20 @@ MEASURES: dict[str, Callable[[dict[str, Any], str], float]] = {
 }
 
 
+#: Fewest models a rank correlation is computed over: with 2 models Spearman's rho is +-1 by
+#: construction, with 3 or 4 it takes a handful of values that chance reaches easily.
+MIN_RANK_MODELS = 5
+
+
 def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch], *,
                  w_bits: int | Sequence[int] = (4, 3), **report_kwargs: Any) -> dict[str, Any]:
     """Which flatness measure predicts PTQ damage? One report per model, a tidy table and rank correlations.
 
     Returns ``{"rows": [...], "spearman": {w_bits: {measure: rho_vs_loss_increase, ...}},
-    "spearman_acc": {...}, "reports": {name: report}}``. Each row: model, w_bits, every measure in
-    :data:`MEASURES`, ``measured_increase`` (RTN loss increase) and ``acc_drop``.
+    "spearman_acc": {...}, "spearman_note": str, "reports": {name: report}}``. Each row: model,
+    w_bits, every measure in :data:`MEASURES`, ``measured_increase`` (RTN loss increase) and
+    ``acc_drop``. Below :data:`MIN_RANK_MODELS` models the correlations are left empty and
+    ``spearman_note`` says why.
     """
     bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
     batches = _as_batches(data)
@@ -1379,9 +1386,14 @@ def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch],
             rows.append(row)
     rho: dict[str, dict[str, float]] = {}
     rho_acc: dict[str, dict[str, float]] = {}
+    if len(models) < MIN_RANK_MODELS:
+        note = (f"{len(models)} model(s): no rank correlation is computed below {MIN_RANK_MODELS} models "
+                "(over 2 models Spearman's rho is +-1 whatever the measures are)")
+        return {"rows": rows, "spearman": rho, "spearman_acc": rho_acc, "spearman_note": note, "reports": reports}
     for b in bits:
         sub = [r for r in rows if r["w_bits"] == b]
         rho[f"W{b}"] = {m: spearman([r[m] for r in sub], [r["measured_increase"] for r in sub]) for m in MEASURES}
         rho_acc[f"W{b}"] = {m: spearman([r[m] for r in sub], [r["acc_drop"] for r in sub]) for m in MEASURES}
-    return {"rows": rows, "spearman": rho, "spearman_acc": rho_acc, "reports": reports}
+    return {"rows": rows, "spearman": rho, "spearman_acc": rho_acc,
+            "spearman_note": f"over {len(models)} models", "reports": reports}
 

@@ -436,7 +436,7 @@ def seed_summary(rows: Sequence[dict[str, Any]], control: str = "plain") -> list
     from .stats import paired_summary
 
     seeded = [r for r in rows if r.get("seed") is not None]
-    table = paired_summary(seeded, value="accuracy", control=control, by=("config", "observer"))
+    table = paired_summary(seeded, value="accuracy", control=control, by=("config", "observer", "ptq_method"))
     order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"] for r in seeded))}
     return sorted(table, key=lambda r: (r["config"] != "FP32", str(r["config"]), str(r["observer"]),
                                         order.get(r["arm"], 0)))

@@ -26,7 +26,7 @@ from .engine import PTQConfig, quantize_model
 logger = logging.getLogger(__name__)
 
 #: Column order of :func:`sweep` rows.
-SWEEP_COLUMNS = ("checkpoint", "method", "config", "w_bits", "a_bits", "observer", "w_granularity",
+SWEEP_COLUMNS = ("checkpoint", "method", "config", "w_bits", "a_bits", "observer", "ptq_method", "w_granularity",
                  "quant_attn", "accuracy", "loss", "calib_time_s", "eval_time_s")
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -132,14 +132,15 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
         if include_fp:
             m, dt = _evaluate(model, evals, device)
             rows.append(dict(checkpoint=name, method=method, config="FP32", w_bits=None, a_bits=None,
-                             observer=None, w_granularity=None, quant_attn=None, accuracy=m["accuracy"], loss=m["loss"],
+                             observer=None, ptq_method=None, w_granularity=None, quant_attn=None,
+                             accuracy=m["accuracy"], loss=m["loss"],
                              calib_time_s=0.0, eval_time_s=dt))
             bar.update()
         for cfg in configs:
             qm = quantize_model(model, cfg, calib, device=device)
             m, dt = _evaluate(qm, evals, device)
             rows.append(dict(checkpoint=name, method=method, config=cfg.label, w_bits=cfg.w_bits,
-                             a_bits=cfg.a_bits, observer=cfg.observer,
+                             a_bits=cfg.a_bits, observer=cfg.observer, ptq_method=cfg.method,
                              w_granularity=("per-channel" if cfg.w_per_channel else "per-tensor")
                              if cfg.w_bits is not None else None,
                              quant_attn=bool(cfg.quant_attn and cfg.a_bits is not None),

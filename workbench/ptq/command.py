@@ -29,6 +29,8 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--no-attn", action="store_true", help="leave the attention matmuls in float")
     p.add_argument("--softmax", default="uniform", choices=("uniform", "log2"))
     p.add_argument("--first-last-8bit", action="store_true")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="add each layer's mean output shift on the calibration images to its bias (Nagel et al. 2019)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
@@ -41,7 +43,7 @@ def run_ptq_command(args: Any) -> int:
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
                                 w_per_channel=not args.per_tensor, n_calib=args.n_calib,
                                 quant_attn=not args.no_attn, softmax_quantizer=args.softmax,
-                                first_last_8bit=args.first_last_8bit)
+                                first_last_8bit=args.first_last_8bit, bias_correction=args.bias_correction)
     device = str(resolve_device(args.device))  # one clear error for an unknown or absent device
     rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
                              n_eval=args.n_eval, progress=not getattr(args, "json", False))

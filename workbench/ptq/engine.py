@@ -59,6 +59,7 @@ class PTQConfig:
     quant_attn: bool = True  # also quantize the attention matmul inputs (q, k, v, softmax)
     softmax_quantizer: str = "uniform"  # uniform | log2 (softmax output, if quant_attn)
     first_last_8bit: bool = False  # keep the first and last Linear/Conv at (at least) 8 bits
+    bias_correction: bool = False  # add each layer's mean output shift on the calibration set to its bias
     sample_size: int = 2**18  # values kept per tensor by percentile/mse observers
     seed: int = 0  # seed of the observers' subsampling
 
@@ -83,6 +84,11 @@ class PTQConfig:
     def label(self) -> str:
         """``'W4A8'`` style name; 32 stands for a tensor kind left in floating point."""
         return f"W{self.w_bits or 32}A{self.a_bits or 32}"
+
+    @property
+    def method(self) -> str:
+        """The PTQ method beyond round-to-nearest with the observer's ranges: ``rtn`` or ``rtn+bc``."""
+        return "rtn+bc" if self.bias_correction else "rtn"
 
     @property
     def weight_observer(self) -> str:
@@ -173,6 +179,19 @@ def _replace_layers(model: nn.Module, config: PTQConfig) -> int:
 
 def _images(batch: Any) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _take(batches: Iterable[Any] | None, n: int) -> list[Any]:
+    """The first ``n`` images of ``batches`` as a list of batches (the calibration set, again)."""
+    out, seen = [], 0
+    for batch in batches if batches is not None else ():
+        x = _images(batch)[: n - seen]
+        if x.shape[0]:
+            out.append(x)
+            seen += x.shape[0]
+        if seen >= n:
+            break
+    return out
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -293,6 +312,8 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
     if n_layers == 0:
         logger.warning("model has no Linear/Conv layer: nothing to quantize")
     quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    if config.bias_correction:  # the calibration images are read twice: an iterator would be spent
+        calib_batches = _take(calib_batches, config.n_calib)
     seen = 0
     if any(q.mode == "observe" for q in quantizers):
         for batch in calib_batches if calib_batches is not None else ():
@@ -315,6 +336,13 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
                 q.mode = "off"
                 continue
             q.freeze()
+    if config.bias_correction and n_layers:
+        from .bias_correction import correct_biases
+
+        images = [x.to(device) for x in calib_batches]  # the list made above
+        if not images:
+            raise DataError("bias correction needs calibration images: pass calib_batches")
+        correct_biases(qmodel, copy.deepcopy(model).to(device).eval(), images)
     elapsed = time.perf_counter() - t0
     logger.info("%s: %d layers, %d attention blocks, %d calibration images, %.2fs", config.label, n_layers,
                 n_attn, seen, elapsed)
