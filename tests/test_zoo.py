@@ -149,6 +149,9 @@ def test_notebook_helpers_fine_tune_per_seed_and_quantize_the_parent_as_it_is(pa
     assert all(torch.equal(v, saved[k]) for k, v in only["parent"].model.state_dict().items())
     with pytest.raises(ConfigError, match="epochs=0 trains nothing"):
         nbt.train_methods(["plain"], bundle, model="cnn-small", epochs=0)
+    other = nbt.load_data("fashion-mnist-mini", limit_train=64, limit_test=64, n_calib=16)
+    with pytest.raises(ConfigError, match="data='digits'.*init=None"):  # a digits parent on 28 px images
+        nbt.train_methods(["plain"], other, init=init, model="ignored", epochs=1)
     rows = nbt.ptq_rows({**only, **trained}, [ptq.PTQConfig(w_bits=4, a_bits=4, n_calib=64)], bundle, 64)
     assert {(r["arm"], r["seed"]) for r in rows} >= {("parent", None), ("plain", 0), ("dnq", 1)}
     table = nbt.seed_summary(rows)

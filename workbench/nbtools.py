@@ -283,13 +283,16 @@ def _reusable(ckpt_path: Path, model_name: str, model_args: dict[str, Any], bund
     return same
 
 
-def _check_parent_fits(spec: dict[str, Any], bundle: wdata.DataBundle, init: str | Path) -> None:
+def _check_parent_fits(spec: dict[str, Any], bundle: wdata.DataBundle, init: str | Path,
+                       spec_data: str | None = None) -> None:
     info = bundle.info
     if (spec["num_classes"], spec.get("in_chans"), spec.get("img_size")) != \
             (info.num_classes, info.channels, info.image_size):
         raise ConfigError(f"init={str(init)!r} takes {spec.get('in_chans')}-channel {spec.get('img_size')}px images "
                           f"in {spec['num_classes']} classes, but data={info.name!r} has {info.channels}-channel "
-                          f"{info.image_size}px images in {info.num_classes} classes; pick the parent's dataset")
+                          f"{info.image_size}px images in {info.num_classes} classes; use the parent's dataset "
+                          f"(data={spec_data!r}), another parent (`workbench zoo list`), or init=None to train "
+                          "from scratch")
 
 
 def _parent_id(record: dict[str, Any] | None) -> str | None:
@@ -303,7 +306,7 @@ def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu")
     from .zoo import load_init
 
     parent, ckpt, record = load_init(init, resolve_device(device), info=bundle.info)
-    _check_parent_fits(parent.workbench_spec, bundle, init)
+    _check_parent_fits(parent.workbench_spec, bundle, init, record["data"])
     return {"parent": Trained("parent", parent.eval(), dict(ckpt.get("metrics", {})),
                               list(ckpt.get("extra", {}).get("history", [])), dict(ckpt.get("method_config", {})),
                               Path(record["file"]) if record["file"] else None, reused=True)}
@@ -354,7 +357,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
             return load_parent(init, bundle, device=device)
         parent, parent_ckpt, record = load_init(init, dev, info=bundle.info)
         model, model_args = record["model"], dict(parent_ckpt["model_spec"].get("overrides", {}))
-        _check_parent_fits(parent.workbench_spec, bundle, init)
+        _check_parent_fits(parent.workbench_spec, bundle, init, record["data"])
         recipe = wmodels.finetune_recipe(model)
     else:
         if not epochs:
