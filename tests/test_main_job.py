@@ -18,7 +18,7 @@ from workbench import runner
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-p", "init=None", "-p", "data=digits", "-p", "model=cnn-small", "-p", 'model_args={"width": 8}', "-p", "epochs=1",
         "-p", "limit_train=600", "-p", "limit_test=200", "-p", "n_calib=64", "-p", "n_hessian=64",
-        "-p", "probes=4", "-p", "eig_iters=4"]
+        "-p", "probes=4", "-p", "eig_iters=4", "-p", "seeds=[0, 1]"]
 
 
 @pytest.mark.slow

@@ -12,11 +12,12 @@ from workbench import runner, zoo
 
 #: points a fine-tune may lose against its parent's full-precision accuracy on the same images
 FP_MARGIN = 3.0
-#: Accuracy on 500 test images moves in steps of 0.2 points, and W4A4 rounding can flip a few
-#: predictions either way: measured up to +1.6 points over FP32 for one fine-tune. So the order
-#: "fewer bits, worse model" is asserted on the test *loss* (what the second-order argument is
-#: about; measured 0.51 FP32 < 0.55-0.60 W4A4 < 0.68-1.22 W3A3), strictly, and on accuracy only
-#: between FP32 and W3A3 (5-22 points apart).
+#: Accuracy on 500 test images moves in steps of 0.2 points, and rounding can flip a few
+#: predictions either way: measured up to +1.6 points over FP32 at W4A4, and W3A3 with MSE ranges
+#: within 0.8 points of FP32 (one seed). So the order "fewer bits, worse model" is asserted on the
+#: test *loss* (what the second-order argument is about; measured 0.51-0.53 FP32 < 0.55-0.60 W4A4
+#: < 0.66-1.22 W3A3), strictly, and on accuracy only where the gap is wide: W3A3 with min-max
+#: ranges (8-17 points below FP32).
 W4A4_FLOOR = 50.0  # chance is 10 %
 
 
@@ -24,6 +25,7 @@ W4A4_FLOOR = 50.0  # chance is 10 %
 def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(tmp_path: Path) -> None:
     nb = runner.resolve_notebook("00_quickstart")
     defaults = runner.notebook_parameters(nb)
+    seeds = json.loads(defaults["seeds"])
     row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {"out_dir": str(tmp_path / "res")}, html=False)
     assert row["status"] == "ok", row.get("message")
     rows = json.loads((tmp_path / "res" / "ptq.json").read_text())
@@ -39,11 +41,12 @@ def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(
     # the loss rises as the bits fall, for every model and observer; W3A3 costs accuracy; W4A4 is far
     # above chance
     models = {(label, observer) for (label, config, observer) in acc if config != "FP32"}
-    assert len(models) == 5 * 2  # parent + 2 arms x 2 seeds, 2 observers
+    assert len(models) == (1 + 2 * len(seeds)) * 2  # parent + 2 arms per seed, 2 observers
     for label, observer in models:
         losses = [fp_loss[label], loss[(label, "W4A4", observer)], loss[(label, "W3A3", observer)]]
         assert losses == sorted(losses) and len(set(losses)) == 3, (label, observer, losses)
-        assert acc[(label, "W3A3", observer)] < fp[label], (label, observer)
+        if observer == "minmax":
+            assert acc[(label, "W3A3", observer)] < fp[label], (label, observer)
         assert acc[(label, "W4A4", observer)] > W4A4_FLOOR, (label, observer)
     # every arm and seed was paired with plain of the same seed
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
