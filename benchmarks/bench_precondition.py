@@ -39,7 +39,7 @@ def build_model(name: str) -> nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit-micro")
-    ap.add_argument("--methods", default="plain,wnoise,anoise,dnq,uniform,sam")
+    ap.add_argument("--methods", default="plain,wnoise,anoise,dnq,uniform,sam,qat")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--bits", default="4,8", help="W,A")
     ap.add_argument("--rounds", type=int, default=15)
@@ -68,10 +68,11 @@ def main() -> None:
     runs = []
     for name in names:
         model = copy.deepcopy(base).train()
+        method = create_method(MethodConfig(method=name, w_bits=w_bits, a_bits=a_bits, seed=0))
+        method.prepare(model)  # QAT's learned steps join the parameters before the optimizer is made
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ctx = StepContext(loss_fn=nn.functional.cross_entropy, optimizer=opt, device=device, epochs=1,
                           steps_per_epoch=args.rounds + args.warmup, autocast=autocast)
-        method = create_method(MethodConfig(method=name, w_bits=w_bits, a_bits=a_bits, seed=0))
         method.setup(model, ctx)
         method.on_epoch_start(model, 0)
         runs.append((name, model, method, ctx))

@@ -130,6 +130,8 @@ RESUME_METHODS = {
     "plain": {"method": "plain"},
     "dnq": {"method": "dnq", "w_bits": 4, "a_bits": 4, "a_stats_every": 3, "schedule": "ramp", "ramp_epochs": 1.5},
     "swa": {"method": "swa", "swa_epochs": 2},
+    # the learned steps and zero points, and whether each input quantizer has its start range
+    "qat": {"method": "qat", "w_bits": 4, "a_bits": 4},
 }
 # cnn-small keeps its dropout (0.1) and the images are augmented: every random stream is in play
 RESUME_CFG = {**FAST, "augment": True}

@@ -131,7 +131,8 @@ def recorded_data_params(path: str | Path, ckpt: dict[str, Any]) -> dict[str, An
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as, load its weights, return ``(model, ckpt)``.
 
-    The model is returned in eval mode.
+    The model is returned in eval mode. A QAT checkpoint comes back with its learned quantizers
+    attached (see :mod:`workbench.lsq`): the quantized model it was trained and evaluated as.
     """
     from .models import create
 
@@ -139,6 +140,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     spec = ckpt["model_spec"]
     model = create(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
                    img_size=spec["img_size"], **spec.get("overrides", {}))
+    method = ckpt.get("method_config") or {}
+    if method.get("method") == "qat":  # the learned quantizers are part of the trained model
+        from . import lsq
+
+        lsq.attach(model, method.get("w_bits"), method.get("a_bits"), method.get("include", ("*",)),
+                   method.get("exclude", ()))
     check_compatible(ckpt, model, source=str(path))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

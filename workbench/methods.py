@@ -7,6 +7,7 @@ average (SWA). The plain method is this base class.
 
 Lifecycle, as called by ``fit``::
 
+    method.prepare(model)                    # once, before the optimizer exists (QAT's quantizers)
     method.setup(model, ctx)                 # once, before the first step (also on resume)
     for epoch ...:
         method.on_epoch_start(model, epoch)
@@ -58,6 +59,16 @@ class TrainMethod:
     """Plain training: one forward-backward pass and one optimizer step per batch."""
 
     name = "plain"
+
+    def prepare(self, model: nn.Module) -> None:
+        """Add the method's own trainable parameters to the model, as sub-modules, before the
+        optimizer is made: the optimizer, ``DistributedDataParallel`` and the checkpoints then
+        hold them like any weight (QAT's learned steps). Plain training adds nothing."""
+
+    def full_precision(self, model: nn.Module) -> AbstractContextManager | None:
+        """A context in which ``model`` computes in full precision, for a method whose trained
+        model is itself quantized (QAT): ``fit`` then reports that accuracy too. None: it is FP."""
+        return None
 
     def setup(self, model: nn.Module, ctx: StepContext) -> None:
         """Attach whatever the method needs (hooks, averaged copies)."""

@@ -11,6 +11,8 @@ sam        sharpness-aware minimization: ascend to ``w + rho * g / ||g||``, take
            there, step from ``w`` (two forward-backward passes per step)
 swa        stochastic weight averaging over the last epochs (``torch.optim.swa_utils``), then
            BatchNorm statistics recomputed on the training set where the model has BatchNorm
+qat        quantization-aware training: fake-quantized forward passes at ``w_bits``/``a_bits``
+           with learned steps (LSQ) and straight-through gradients (:mod:`workbench.lsq`)
 =========  =============================================================================
 
 >>> method = create_method(MethodConfig(method="dnq", w_bits=4, a_bits=8, noise_mult=1.0))
@@ -104,8 +106,8 @@ class MethodConfig:
             if getattr(self, name) is None:
                 raise ConfigError(f"method {self.method!r} needs {name} (bits from 2 to 16), got None "
                                   f"(32 = not quantized)")
-        if self.method == "uniform" and self.w_bits is None and self.a_bits is None:
-            raise ConfigError("method 'uniform' needs w_bits and/or a_bits")
+        if self.method in ("uniform", "qat") and self.w_bits is None and self.a_bits is None:
+            raise ConfigError(f"method {self.method!r} needs w_bits and/or a_bits")
         self.noise_config()  # validate the remaining noise fields now, not at setup
 
     @property
@@ -253,6 +255,38 @@ for _name, _help in [
     ("uniform", "uniform pseudo-quantization noise of the quantizer step (DiffQ/NIPQ style)"),
 ]:
     METHODS.register(_name, NoiseMethod, help=_help)
+
+
+# ---- QAT ----------------------------------------------------------------------------------
+class QATMethod(PlainMethod):
+    """Quantization-aware training: fake-quantized forward passes with learned steps (LSQ).
+
+    Weights per output channel and Linear/Conv inputs per tensor at ``w_bits``/``a_bits``, the
+    PTQ engine's grids (:mod:`workbench.lsq`). The trained model keeps its quantizers: it is
+    evaluated, saved and reloaded as the quantized model it learned to be; its full-precision
+    accuracy (latent weights, float inputs) is reported beside it. The attention matmul inputs
+    (q, k, v, softmax) stay in float, as LayerNorm, GELU and softmax do.
+    """
+
+    def prepare(self, model: nn.Module) -> None:
+        from . import lsq
+
+        if lsq.has_quantizers(model):
+            return  # a resumed run or a reloaded QAT model: its quantizers are already there
+        names = lsq.attach(model, self.config.w_bits, self.config.a_bits, self.config.include, self.config.exclude)
+        if not names:
+            raise ConfigError(f"method 'qat': no Linear/Conv layer matches include={list(self.config.include)} "
+                              f"exclude={list(self.config.exclude)}")
+        log.info("qat: %d layers quantized (W%s A%s, learned steps)", len(names), self.config.w_bits or 32,
+                 self.config.a_bits or 32)
+
+    def full_precision(self, model: nn.Module):
+        from . import lsq
+
+        return lsq.disabled(model)
+
+
+METHODS.register("qat", QATMethod, help="quantization-aware training at w_bits/a_bits with learned steps (LSQ)")
 
 
 # ---- SAM ----------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
                           "give more epochs or --steps N")
     n_epochs = math.ceil(total_steps / steps_per_epoch)  # the last one may be partial
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    method.prepare(model)  # e.g. QAT's learned steps: in the optimizer, DDP and the checkpoints
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.min_lr / cfg.lr))
@@ -401,6 +402,11 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     metrics = {"test_loss": final["loss"], "test_accuracy": final["accuracy"],
                "epochs": cfg.epochs, "steps": total_steps, "mean_epoch_time": sum(r["epoch_time"] for r in history) / max(1, len(history)),
                "total_train_time": sum(r["epoch_time"] for r in history), "device": str(device)}
+    full_precision = method.full_precision(model)
+    if full_precision is not None:  # a quantized model (QAT): its latent weights in float, too
+        with full_precision:
+            ev = evaluate_split(model, data, "test", cfg.eval_batch_size, device, shard=shard)
+        metrics.update(fp_test_loss=ev["loss"], fp_test_accuracy=ev["accuracy"])
     if world > 1:
         metrics["world_size"] = world
     if len(data.val):

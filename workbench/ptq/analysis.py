@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import quant
+from .. import lsq, quant
 from ..errors import ConfigError
 from .engine import PTQConfig, quantize_model
 
@@ -129,13 +129,22 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
     total = len(entries) * (len(configs) + int(include_fp))
     bar = tqdm(total=total, desc="ptq sweep", disable=not progress)
     for name, model, method in entries:
+        qat_bits = lsq.bits(model)  # a QAT model: quantized by its own learned quantizers
         if include_fp:
-            m, dt = _evaluate(model, evals, device)
+            with lsq.disabled(model):  # full precision: a QAT model's latent weights, float inputs
+                m, dt = _evaluate(model, evals, device)
             rows.append(dict(checkpoint=name, method=method, config="FP32", w_bits=None, a_bits=None,
                              observer=None, ptq_method=None, w_granularity=None, quant_attn=None,
                              accuracy=m["accuracy"], loss=m["loss"],
                              calib_time_s=0.0, eval_time_s=dt))
             bar.update()
+        if qat_bits is not None:
+            m, dt = _evaluate(model, evals, device)
+            w, a = qat_bits
+            rows.append(dict(checkpoint=name, method=method, config=f"W{w or 32}A{a or 32}", w_bits=w, a_bits=a,
+                             observer="learned", ptq_method="qat", w_granularity="per-channel" if w else None,
+                             quant_attn=False, accuracy=m["accuracy"], loss=m["loss"], calib_time_s=0.0,
+                             eval_time_s=dt))
         for cfg in configs:
             qm = quantize_model(model, cfg, calib, device=device)
             m, dt = _evaluate(qm, evals, device)
