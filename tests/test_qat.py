@@ -83,6 +83,15 @@ def test_qat_run_saves_its_learned_steps_and_reloads_as_the_quantized_model(qat_
     assert ("W4A4", "rtn") in by  # PTQ of the latent weights still works
 
 
+def test_eval_reports_a_qat_model_quantized_and_in_full_precision(qat_run: Path, capsys) -> None:
+    metrics = json.loads((qat_run / "metrics.json").read_text())
+    assert cli.main(["eval", str(qat_run / "model.pt"), "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+    assert got["fp_accuracy"] == pytest.approx(metrics["fp_test_accuracy"], abs=1e-9)
+    assert got["qat_bits"] == [3, 4]
+
+
 def test_qat_fine_tunes_a_parent_and_resumes_its_steps(qat_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
     assert cli.main(["train", "--init", str(qat_run / "model.pt"), "--method", "qat", "--bits", "W3A4",

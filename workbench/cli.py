@@ -280,6 +280,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(f"the checkpoint has {ckpt['model_spec']['num_classes']} classes but {name} has "
                               f"{bundle.info.num_classes}")
     res = evaluate_split(model, bundle, args.split, device=device)
+    from . import lsq
+
+    if lsq.has_quantizers(model):  # a QAT model: the score above is quantized; its latent weights too
+        with lsq.disabled(model):
+            fp = evaluate_split(model, bundle, args.split, device=device)
+        res.update(fp_accuracy=fp["accuracy"], fp_loss=fp["loss"], qat_bits=list(lsq.bits(model)))
     res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, val_size=val_size,
                model=ckpt["model_spec"]["name"],
                method=ckpt.get("method_config", {}).get("method", "plain"))
