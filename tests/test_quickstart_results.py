@@ -4,11 +4,13 @@ configurations, so they would not notice PTQ falling to chance. Slow: one real r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from workbench import runner, zoo
+from workbench import nbtools, runner, zoo
+from workbench.nbparams import literal_defaults
 
 #: points a fine-tune may lose against its parent's full-precision accuracy on the same images
 FP_MARGIN = 3.0
@@ -21,14 +23,35 @@ FP_MARGIN = 3.0
 W4A4_FLOOR = 50.0  # chance is 10 %
 
 
+def _nbval_run(defaults: dict) -> Path | None:
+    """The folder of nbval's own run of 00 at its defaults in this session, if there is one.
+
+    The README's test command runs the notebooks first (pyproject's ``testpaths``), and
+    notebooks/conftest.py sends their results to ``$WORKBENCH_OUT_ROOT``: judging that run saves
+    running the notebook a second time. Run alone, this test runs the notebook itself.
+    """
+    root = os.environ.get(nbtools.OUT_ROOT_ENV)
+    for run in sorted(Path(root).glob("00_quickstart-*")) if root else ():
+        try:
+            params = json.loads((run / "run.json").read_text())["params"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (run / "summary.json").is_file() and all(params.get(k) == v for k, v in defaults.items()):
+            return run
+    return None
+
+
 @pytest.mark.slow
 def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(tmp_path: Path) -> None:
     nb = runner.resolve_notebook("00_quickstart")
     defaults = runner.notebook_parameters(nb)
     seeds = json.loads(defaults["seeds"])
-    row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {"out_dir": str(tmp_path / "res")}, html=False)
-    assert row["status"] == "ok", row.get("message")
-    rows = json.loads((tmp_path / "res" / "ptq.json").read_text())
+    res = _nbval_run(literal_defaults(defaults))
+    if res is None:
+        res = tmp_path / "res"
+        row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {"out_dir": str(res)}, html=False)
+        assert row["status"] == "ok", row.get("message")
+    rows = json.loads((res / "ptq.json").read_text())
     acc = {(r["label"], r["config"], r["observer"]): r["accuracy"] for r in rows}
     loss = {(r["label"], r["config"], r["observer"]): r["loss"] for r in rows}
     fp = {r["label"]: r["accuracy"] for r in rows if r["config"] == "FP32"}
@@ -49,6 +72,6 @@ def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(
             assert acc[(label, "W3A3", observer)] < fp[label], (label, observer)
         assert acc[(label, "W4A4", observer)] > W4A4_FLOOR, (label, observer)
     # every arm and seed was paired with plain of the same seed
-    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    summary = json.loads((res / "summary.json").read_text())
     dnq = [r for r in summary if r["arm"] == "dnq" and r["config"] != "FP32"]
     assert dnq and all(r["n_pairs"] == r["n"] >= 2 and r["verdict"] for r in dnq)

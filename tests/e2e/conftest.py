@@ -63,6 +63,28 @@ def playwright(chromium: str) -> Iterator[object]:
         yield pw
 
 
+#: The browser tests judge what a person sees (figures drawn, sliders that move the plot), not the
+#: numbers: the copies they open run a lighter profile than the notebooks' defaults, which nbval
+#: and tests/test_quickstart_results.py already execute in full.
+LIGHT_PARAMETERS: dict[str, dict[str, object]] = {
+    "00_quickstart.ipynb": {"seeds": [0], "limit_train": 640, "limit_test": 200, "n_calib": 64},
+    "05_explorer.ipynb": {"epochs": 0.5, "limit_train": 1280, "n_eval": 200, "n_calib": 64},
+}
+
+
+def inject_parameters(path: Path, params: dict[str, object]) -> None:
+    """Put an ``injected-parameters`` cell after the ``parameters`` cell, as papermill does."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    cell = nbformat.v4.new_code_cell("# Parameters of the browser test (tests/e2e/conftest.py)\n"
+                                     + "\n".join(f"{k} = {v!r}" for k, v in params.items()))
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(at + 1, cell)
+    nbformat.write(nb, path)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, playwright: object,
         chromium: str) -> Iterator[tuple[bl.LabServer, bl.Browser]]:
@@ -71,6 +93,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, playwright: object,
     base = tmp_path_factory.mktemp("lab")
     root = base / "notebooks"
     shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for name, params in LIGHT_PARAMETERS.items():
+        inject_parameters(root / name, params)
     # notebook results go to the temp folder, not to runs/notebooks in the repository
     env = {"WORKBENCH_OUT_ROOT": str(base / "out")}
     with bl.LabServer(root, base / "home", env=env) as server, bl.open_browser(playwright, chromium) as browser:
