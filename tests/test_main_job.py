@@ -46,27 +46,3 @@ def test_workbench_run_from_the_repository_root_with_a_relative_out() -> None:
         assert not (ROOT / "notebooks" / rel).exists()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_epochs_0_quantizes_and_measures_the_zoo_parent_without_training(tmp_path: Path) -> None:
-    """The quantize-only path on the given model as it is: the error model, PTQ and flatness
-    notebooks (02 and 05 take the same path through ``nbtools.train_methods``)."""
-    nbs = ["01_error_model", "03_ptq", "04_flatness"]
-    params = ["-p", "init=zoo:cnn-small-mini", "-p", "epochs=0", "-p", "limit_train=600", "-p", "limit_test=200",
-              "-p", "n_calib=64", "-p", "n_hessian=64", "-p", "probes=4", "-p", "eig_iters=4",
-              "-p", "landscape_steps=5"]
-    p = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--out", str(tmp_path / "run"), "--no-progress",
-                        "--no-html", *[a for nb in nbs for a in ("--notebook", nb)], *params],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [(r["notebook"], r["status"]) for r in rows] == [(nb, "ok") for nb in nbs]
-    for nb in nbs:
-        res = tmp_path / "run" / "results" / nb
-        assert not (res / "checkpoints").exists(), nb  # nothing was trained
-        assert json.loads((res / "run.json").read_text())["params"]["epochs"] == 0
-    ptq = json.loads((tmp_path / "run" / "results" / "03_ptq" / "ptq_observers.json").read_text())
-    assert {r["label"] for r in ptq} == {"parent"}
-    fp = next(r["accuracy"] for r in ptq if r["config"] == "FP32")
-    assert fp > 75.0  # the converged parent (86 % on the whole test split), not a fresh initialization
