@@ -11,7 +11,7 @@ OUT ?= runs/$(shell date +%Y%m%d-%H%M%S)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,onnx]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,onnx,xcheck]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -23,3 +23,39 @@ def small(mini: data.DataBundle) -> data.DataBundle:
     calib = tr.subset(torch.arange(128))
     return data.DataBundle(mini.info, tr, te, calib, tr.subset(torch.arange(0)), seed=0,
                            params={"name": "fashion-mnist-mini", "subset": "tests"})
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors on shared cores: one torch thread avoids oversubscription stalls (use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def ptq_cli(tmp_path, capsys):
+    """Run ``workbench ptq ARGS --json`` on an untrained cnn-small checkpoint; return the rows."""
+    import argparse
+    import json
+
+    from workbench import models
+    from workbench.checkpoint import save_checkpoint
+    from workbench.ptq.command import add_ptq_parser, run_ptq_command
+
+    bundle = data.load("fashion-mnist-mini")
+    model = models.create("cnn-small", num_classes=bundle.info.num_classes, in_chans=bundle.info.channels,
+                          img_size=bundle.info.image_size)
+    path = save_checkpoint(tmp_path / "m.pt", model, data_info=bundle.info.to_dict())
+
+    def run(*args: str) -> list[dict]:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers(dest="command")
+        add_ptq_parser(sub, lambda p: p.add_argument("--json", action="store_true"))
+        assert run_ptq_command(parser.parse_args(["ptq", str(path), *args, "--json"])) == 0
+        return json.loads(capsys.readouterr().out)
+
+    run.path = path
+    return run

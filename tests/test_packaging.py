@@ -26,7 +26,7 @@ def _name(req: str) -> str:
 def test_environment_yml_matches_pyproject():
     py = _pyproject()
     wanted = {_name(r) for r in py["dependencies"]}
-    for extra in ("dev", "onnx"):
+    for extra in ("dev", "onnx", "xcheck"):
         wanted |= {_name(r) for r in py["optional-dependencies"][extra]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -29,14 +28,7 @@ from workbench.ptq import (
 )
 from workbench.ptq.modules import fused_fake_quantize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors on shared cores: one thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
@@ -340,25 +332,10 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path) -> None:
             sweep_checkpoints([path], configs_from_bits("8"), progress=False)
 
 
-def test_checkpoint_sweep_and_cli_hook(tmp_path, capsys) -> None:
-    from workbench import data as wd
-    from workbench import models as wm
-    from workbench.checkpoint import save_checkpoint
-    from workbench.ptq.command import add_ptq_parser, run_ptq_command
-
-    bundle = wd.load("fashion-mnist-mini")
-    model = wm.create("cnn-small", num_classes=bundle.info.num_classes, in_chans=bundle.info.channels,
-                      img_size=bundle.info.image_size)
-    path = save_checkpoint(tmp_path / "m.pt", model, data_info=bundle.info.to_dict())
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    add_ptq_parser(sub, lambda p: p.add_argument("--json", action="store_true"))
-    args = parser.parse_args(["ptq", str(path), "--bits", "8", "--n-calib", "32", "--n-eval", "256",
-                              "--json"])
-    assert run_ptq_command(args) == 0
-    rows = json.loads(capsys.readouterr().out)
+def test_checkpoint_sweep_and_cli_hook(ptq_cli) -> None:
+    rows = ptq_cli("--bits", "8", "--n-calib", "32", "--n-eval", "256")
     assert [r["config"] for r in rows] == ["FP32", "W8A8"]
-    assert rows[0]["checkpoint"] == str(path) and rows[0]["method"] == "plain"
+    assert rows[0]["checkpoint"] == str(ptq_cli.path) and rows[0]["method"] == "plain"
 
 
 # ---------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
                              quant_attn=False, accuracy=m["accuracy"], loss=m["loss"], calib_time_s=0.0,
                              eval_time_s=dt))
         for cfg in configs:
-            qm = quantize_model(model, cfg, calib, device=device)
+            qm = quantize_model(model, cfg, calib, device=device, progress=progress)
             m, dt = _evaluate(qm, evals, device)
             rows.append(dict(checkpoint=name, method=method, config=cfg.label, w_bits=cfg.w_bits,
                              a_bits=cfg.a_bits, observer=cfg.observer, ptq_method=cfg.method,

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..runinfo import resolve_device
 from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
+from .engine import PTQConfig
 from .observers import OBSERVERS
 
 
@@ -31,6 +32,17 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--first-last-8bit", action="store_true")
     p.add_argument("--bias-correction", action="store_true",
                    help="add each layer's mean output shift on the calibration images to its bias (Nagel et al. 2019)")
+    p.add_argument("--reconstruction", default="none", choices=("none", "adaround", "brecq"),
+                   help="learned rounding: adaround (per layer, Nagel et al. 2020) or brecq (per block, with "
+                        "learned activation steps, Li et al. 2021); default none = round to nearest")
+    p.add_argument("--qdrop", type=float, default=0.0,
+                   help="with --reconstruction brecq: probability of leaving an activation in float while "
+                        "reconstructing (QDrop, Wei et al. 2022, uses 0.5)")
+    p.add_argument("--recon-iters", type=int, default=PTQConfig.recon_iters,
+                   help="optimizer steps per reconstructed layer or block (default %(default)s)")
+    p.add_argument("--repq", action="store_true",
+                   help="calibrate post-LayerNorm inputs per channel and fold the scales into the LayerNorm "
+                        "(RepQ-ViT, Li et al. 2023); ViTs only")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
@@ -43,7 +55,9 @@ def run_ptq_command(args: Any) -> int:
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
                                 w_per_channel=not args.per_tensor, n_calib=args.n_calib,
                                 quant_attn=not args.no_attn, softmax_quantizer=args.softmax,
-                                first_last_8bit=args.first_last_8bit, bias_correction=args.bias_correction)
+                                first_last_8bit=args.first_last_8bit, bias_correction=args.bias_correction,
+                                reconstruction=args.reconstruction, qdrop=args.qdrop,
+                                recon_iters=args.recon_iters, repq=args.repq)
     device = str(resolve_device(args.device))  # one clear error for an unknown or absent device
     rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
                              n_eval=args.n_eval, progress=not getattr(args, "json", False))

@@ -8,6 +8,15 @@ The recipe of :func:`quantize_model`:
 4. run ``n_calib`` calibration images through the copy while observers record input ranges;
 5. freeze the observed ranges into scales/zero points and switch to quantizing.
 
+Options of :class:`PTQConfig` that go beyond round-to-nearest, applied in this order:
+
+* ``repq``: post-LayerNorm inputs calibrated per channel and folded into the LayerNorm and the
+  next layer (RepQ-ViT, :mod:`workbench.ptq.reparam`), between steps 4 and 5;
+* ``reconstruction``: learned rounding, ``adaround`` per layer or ``brecq`` per block with
+  learned activation steps and optional ``qdrop`` (:mod:`workbench.ptq.reconstruction`);
+* ``bias_correction``: each layer's mean output shift added to its bias
+  (:mod:`workbench.ptq.bias_correction`).
+
 What is quantized: Linear/Conv weights (symmetric, per output channel or per tensor) and
 Linear/Conv inputs (per tensor), plus, in ViTs, the inputs of both attention matmuls (q, k, v
 and the softmax output). What stays floating point: LayerNorm/BatchNorm, softmax, GELU and
@@ -60,6 +69,10 @@ class PTQConfig:
     softmax_quantizer: str = "uniform"  # uniform | log2 (softmax output, if quant_attn)
     first_last_8bit: bool = False  # keep the first and last Linear/Conv at (at least) 8 bits
     bias_correction: bool = False  # add each layer's mean output shift on the calibration set to its bias
+    reconstruction: str = "none"  # learned rounding: none (to nearest) | adaround (per layer) | brecq (per block)
+    qdrop: float = 0.0  # brecq only: probability of leaving an activation in float while reconstructing (QDrop: 0.5)
+    recon_iters: int = 500  # optimizer steps per reconstructed layer or block
+    repq: bool = False  # calibrate post-LayerNorm inputs per channel, fold the scales into LayerNorm (RepQ-ViT)
     sample_size: int = 2**18  # values kept per tensor by percentile/mse observers
     seed: int = 0  # seed of the observers' subsampling
 
@@ -76,9 +89,21 @@ class PTQConfig:
             raise ConfigError(f"softmax_quantizer must be one of {SOFTMAX_SCHEMES}, got {self.softmax_quantizer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        for name in ("n_calib", "mse_grid", "sample_size"):
+        for name in ("n_calib", "mse_grid", "sample_size", "recon_iters"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        from .reconstruction import RECONSTRUCTIONS
+
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ConfigError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        if not 0.0 <= float(self.qdrop) < 1.0:
+            raise ConfigError(f"qdrop is a probability in [0, 1) (QDrop uses 0.5), got {self.qdrop}")
+        if self.qdrop and self.reconstruction != "brecq":
+            raise ConfigError("qdrop drops activation quantization during block reconstruction: "
+                              "set reconstruction='brecq' too")
+        if self.reconstruction == "adaround" and self.w_bits is None:
+            raise ConfigError("AdaRound learns how to round weights, but w_bits is None (weights in float): "
+                              "set w_bits or reconstruction='none'")
 
     @property
     def label(self) -> str:
@@ -87,8 +112,11 @@ class PTQConfig:
 
     @property
     def method(self) -> str:
-        """The PTQ method beyond round-to-nearest with the observer's ranges: ``rtn`` or ``rtn+bc``."""
-        return "rtn+bc" if self.bias_correction else "rtn"
+        """The PTQ method beyond the observer's ranges, e.g. ``rtn``, ``rtn+bc``, ``adaround``,
+        ``brecq``, ``qdrop``, ``repq+rtn``: reparameterization, rounding, then bias correction."""
+        rounding = {"none": "rtn", "adaround": "adaround", "brecq": "qdrop" if self.qdrop else "brecq"}
+        parts = (["repq"] if self.repq else []) + [rounding[self.reconstruction]]
+        return "+".join(parts + (["bc"] if self.bias_correction else []))
 
     @property
     def weight_observer(self) -> str:
@@ -209,12 +237,14 @@ class QuantizedModel(nn.Module):
         calib_time_s: seconds spent converting and calibrating.
     """
 
-    def __init__(self, model: nn.Module, config: PTQConfig, calib_images: int, calib_time_s: float) -> None:
+    def __init__(self, model: nn.Module, config: PTQConfig, calib_images: int, calib_time_s: float,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.calib_images = calib_images
         self.calib_time_s = calib_time_s
+        self.details = details or {}  # what RepQ, reconstruction and bias correction did, per layer/unit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -278,13 +308,15 @@ class QuantizedModel(nn.Module):
                      "arithmetic stay in floating point; only the listed tensors are rounded to the grid"),
             "calib_images": self.calib_images,
             "calib_time_s": self.calib_time_s,
+            "method": self.config.method,
+            **self.details,
         }
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: PTQConfig | None = None,
                    calib_batches: Iterable[Any] | None = None, *, device: torch.device | str | None = None,
-                   ) -> QuantizedModel:
+                   progress: bool = False) -> QuantizedModel:
     """Return a fake-quantized copy of ``model``; ``model`` itself is never modified.
 
     Args:
@@ -293,6 +325,7 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
         calib_batches: iterable of image tensors or ``(images, labels)`` pairs; the first
             ``config.n_calib`` images are used. Not needed when activations stay in float.
         device: where to calibrate (default: the model's device).
+        progress: show a progress bar over the reconstructed units (learned rounding only).
 
     Returns:
         A :class:`QuantizedModel` in eval mode.
@@ -312,10 +345,21 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
     if n_layers == 0:
         logger.warning("model has no Linear/Conv layer: nothing to quantize")
     quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
-    if config.bias_correction:  # the calibration images are read twice: an iterator would be spent
+    learned = config.reconstruction != "none"
+    if config.bias_correction or learned:  # the calibration images are read again: an iterator would be spent
         calib_batches = _take(calib_batches, config.n_calib)
+    pairs = []
+    if config.repq and config.a_bits is not None:
+        from .reparam import layernorm_pairs
+
+        pairs = layernorm_pairs(qmodel)
+        if not pairs:
+            raise ConfigError(f"repq reparameterizes LayerNorm -> Linear pairs (timm ViT blocks); "
+                              f"{type(model).__name__} has none. Leave repq off for this model")
     seen = 0
-    if any(q.mode == "observe" for q in quantizers):
+
+    def calibrate() -> None:
+        nonlocal seen
         for batch in calib_batches if calib_batches is not None else ():
             x = _images(batch)[: config.n_calib - seen]
             if x.shape[0] == 0:
@@ -324,26 +368,54 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
             seen += x.shape[0]
             if seen >= config.n_calib:
                 break
+
+    details: dict[str, Any] = {}
+    if any(q.mode == "observe" for q in quantizers):
+        if pairs:
+            from .reparam import observe_channel_ranges
+
+            ranges = observe_channel_ranges(qmodel, pairs, calibrate)
+        else:
+            calibrate()
         if seen == 0:
             raise DataError(
                 f"the calibration set is empty: {config.label} quantizes activations, so quantize_model "
                 "needs calibration images (pass calib_batches with at least one image)")
+        if pairs:
+            from .reparam import reparameterize
+
+            details["repq"] = []
+            for (name, norm, layer), r in zip(pairs, ranges):
+                row = reparameterize(norm, layer, r.lo, r.hi)
+                if layer.w_bits is not None:  # its float weight changed: quantize the new one
+                    layer.quantize_weight(_observer(config, config.weight_observer))
+                details["repq"].append({"layernorm": name, **row})
         for q in quantizers:
-            if q.mode == "observe" and q.observer is not None and q.observer.min is None:
+            if q.mode != "observe":  # log2 softmax, or set by the reparameterization
+                continue
+            if q.observer is not None and q.observer.min is None:
                 # a branch the calibration data never reached: leave it in float, loudly
                 warnings.warn(f"a {q.label} quantizer saw no calibration data and stays unquantized",
                               WorkbenchWarning, stacklevel=2)
                 q.mode = "off"
                 continue
             q.freeze()
+    images = [_images(b).to(device) for b in calib_batches] if (config.bias_correction or learned) else []
+    if (config.bias_correction or learned) and not images:
+        raise DataError(f"{config.method} needs calibration images: pass calib_batches with at least one image")
+    fp_model = copy.deepcopy(model).to(device).eval() if images else None
+    if learned and n_layers:
+        from .reconstruction import reconstruct
+
+        details["reconstruction"] = reconstruct(qmodel, fp_model, images, kind=config.reconstruction,
+                                                iters=config.recon_iters, drop=config.qdrop, seed=config.seed,
+                                                progress=progress)
+        qmodel.eval()
     if config.bias_correction and n_layers:
         from .bias_correction import correct_biases
 
-        images = [x.to(device) for x in calib_batches]  # the list made above
-        if not images:
-            raise DataError("bias correction needs calibration images: pass calib_batches")
-        correct_biases(qmodel, copy.deepcopy(model).to(device).eval(), images)
+        details["bias_correction"] = correct_biases(qmodel, fp_model, images)
     elapsed = time.perf_counter() - t0
     logger.info("%s: %d layers, %d attention blocks, %d calibration images, %.2fs", config.label, n_layers,
                 n_attn, seen, elapsed)
-    return QuantizedModel(qmodel, config, seen, elapsed).eval()
+    return QuantizedModel(qmodel, config, seen, elapsed, details).eval()

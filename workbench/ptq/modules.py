@@ -74,6 +74,8 @@ class ActQuantizer(nn.Module):
         self._scale_f, self._lo, self._hi = 1.0, float(self.qmin), float(self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "learn":  # block reconstruction (BRECQ/QDrop): a learned step, see reconstruction.py
+            return self.__dict__["_learner"](x)
         if self.mode == "quant":
             if self.scheme == "log2":
                 return quant.log2_fake_quantize(x, self.bits)
@@ -125,20 +127,36 @@ class _QuantLayer(nn.Module):
         self.per_channel = per_channel
         self.w_observer_name = w_observer.name if w_observer is not None else None
         self.input_quant = input_quant
-        w = layer.weight.detach()
-        if w_bits is None:
-            self.register_buffer("w_step", None)
-            self.register_buffer("weight_q", None)
-        else:
-            absmax = w_observer.weight_absmax(w, w_bits, per_channel)
-            qp = quant.weight_qparams(w, w_bits, per_channel=per_channel, axis=0, absmax=absmax)
-            # weights are constants: quantize once here instead of on every forward
-            self.register_buffer("w_step", qp.step.float())
-            self.register_buffer("weight_q", quant.fake_quantize(w, qp))
+        self.register_buffer("w_step", None)
+        self.register_buffer("weight_q", None)
+        if w_bits is not None:
+            self.quantize_weight(w_observer)
+
+    @torch.no_grad()
+    def quantize_weight(self, w_observer: Observer) -> None:
+        """(Re)quantize ``layer.weight`` to the nearest grid point, with the observer's clipping.
+
+        Weights are constants: they are quantized once here instead of on every forward. Called
+        again after something changes the float weight (the RepQ reparameterization does).
+        """
+        w = self.layer.weight.detach()
+        absmax = w_observer.weight_absmax(w, self.w_bits, self.per_channel)
+        qp = quant.weight_qparams(w, self.w_bits, per_channel=self.per_channel, axis=0, absmax=absmax)
+        self.w_step = qp.step.float()
+        self.weight_q = quant.fake_quantize(w, qp)
+        self.w_observer_name = w_observer.name
+        self.__dict__.pop("_fold_cache", None)  # the cached folded weight is the old one
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight the forward pass uses (quantized if ``w_bits`` is set)."""
+        """The weight the forward pass uses (quantized if ``w_bits`` is set).
+
+        During learned rounding (AdaRound, BRECQ) it is the soft-rounded weight of the rounding
+        being learned, so gradients reach the rounding variables.
+        """
+        rounding = self.__dict__.get("_rounding")
+        if rounding is not None:
+            return rounding()
         return self.layer.weight if self.weight_q is None else self.weight_q
 
     def _folded(self) -> tuple[torch.Tensor, float, float, torch.Tensor] | None:
@@ -150,6 +168,8 @@ class _QuantLayer(nn.Module):
         """
         q = self.input_quant
         if q is None or q.mode != "quant" or q.scheme != "uniform" or torch.is_grad_enabled() or _hooked(q):
+            return None
+        if self.__dict__.get("_rounding") is not None:  # a fresh soft weight per call: nothing to cache
             return None
         w = self.weight
         key = (q._scale_f, q._lo, q._hi, w.device, w.dtype, w.data_ptr(), w._version)
