@@ -314,3 +314,15 @@ def test_noise_bits_are_checked_before_a_notebook_runs() -> None:
     with pytest.raises(ConfigError):
         check_values({"init": "timm:resnet10x"})  # not a timm model with pretrained weights
 
+
+
+def test_strong_ptq_methods_are_checked_before_a_notebook_runs() -> None:
+    from workbench.nbparams import check_values
+
+    check_values({"strong_methods": {"AdaRound": {"reconstruction": "adaround", "recon_iters": 20}}})
+    with pytest.raises(ConfigError, match="valid"):
+        check_values({"strong_methods": {"typo": {"reconstrution": "adaround"}}})
+    with pytest.raises(ConfigError, match="brecq"):
+        check_values({"strong_methods": {"QDrop alone": {"qdrop": 0.5}}})
+    with pytest.raises(ConfigError, match="maps a name"):
+        check_values({"strong_methods": ["adaround"]})

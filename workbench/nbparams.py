@@ -193,6 +193,19 @@ def _registries() -> dict[str, Any]:
     return {"data": DATASETS, "model": MODELS, "observer": OBSERVERS}
 
 
+def _strong_methods(p: Mapping[str, Any]) -> None:
+    from .ptq import PTQConfig
+
+    methods = p.get("strong_methods")
+    if methods is None:
+        return
+    if not isinstance(methods, Mapping) or not all(isinstance(v, Mapping) for v in methods.values()):
+        raise ConfigError("strong_methods maps a name to PTQConfig fields, e.g. "
+                          "{'AdaRound': {'reconstruction': 'adaround'}}")
+    for fields in methods.values():
+        PTQConfig.from_dict(dict(fields))  # unknown fields or values: the PTQConfig message
+
+
 def _counts(p: Mapping[str, Any]) -> None:
     for k in _NON_NEGATIVE + _POSITIVE:
         if k not in p or p[k] is None:
@@ -220,6 +233,7 @@ _CHECKS = (
     (("data",), _registry("data", "data", "imagefolder:")),
     (("model",), _registry("model", "model", "timm:")),
     (("observers",), _registry("observers", "observer")),
+    (("strong_methods",), _strong_methods),
     (_NON_NEGATIVE + _POSITIVE, _counts),
     (("val_size",), _val_size),
 )

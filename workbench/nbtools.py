@@ -565,8 +565,9 @@ def ptq_configs(bits: Sequence[int], observers: Sequence[str] = ("minmax",), n_c
     """``WbAb`` PTQ settings for every bit width and observer (introduced in 02_preconditioning)."""
     from .ptq import PTQConfig
 
-    return [PTQConfig(w_bits=int(b), a_bits=int(b), observer=o, n_calib=int(n_calib), w_per_channel=per_channel,
-                      **overrides) for o in observers for b in bits]
+    # from_dict: a field PTQConfig does not have is a ConfigError that lists the valid ones
+    return [PTQConfig.from_dict({"w_bits": int(b), "a_bits": int(b), "observer": o, "n_calib": int(n_calib),
+                                 "w_per_channel": per_channel, **overrides}) for o in observers for b in bits]
 
 
 def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def _entries(models: Any) -> list[tuple[str, nn.Module, str]]:
 
 def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any], eval_batches: Iterable[Any],
           *, include_fp: bool = True, device: torch.device | str | None = None,
-          progress: bool = True) -> list[dict[str, Any]]:
+          progress: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Quantize every model with every config and evaluate; one tidy row each.
 
     Args:
@@ -114,7 +114,9 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
         configs: the PTQ settings to try.
         calib_batches: calibration images (tensors or ``(x, y)``); materialized once and reused.
         eval_batches: ``(x, y)`` batches to evaluate on; materialized once and reused.
-        include_fp: add a full-precision row per model (``config='FP32'``).
+        include_fp: add a full-precision row per model (``config='FP32'``), and for a QAT model
+            the row of its own learned quantizers (``ptq_method='qat'``).
+        on_row: called with each row as soon as it is measured (a long sweep can save as it goes).
 
     Returns:
         Rows with the columns :data:`SWEEP_COLUMNS`; accuracy in percent, times in seconds.
@@ -126,6 +128,12 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
     calib = list(calib_batches)
     evals = list(eval_batches)
     rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     total = len(entries) * (len(configs) + int(include_fp))
     bar = tqdm(total=total, desc="ptq sweep", disable=not progress)
     for name, model, method in entries:
@@ -133,22 +141,22 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
         if include_fp:
             with lsq.disabled(model):  # full precision: a QAT model's latent weights, float inputs
                 m, dt = _evaluate(model, evals, device)
-            rows.append(dict(checkpoint=name, method=method, config="FP32", w_bits=None, a_bits=None,
+            add(dict(checkpoint=name, method=method, config="FP32", w_bits=None, a_bits=None,
                              observer=None, ptq_method=None, w_granularity=None, quant_attn=None,
                              accuracy=m["accuracy"], loss=m["loss"],
                              calib_time_s=0.0, eval_time_s=dt))
             bar.update()
-        if qat_bits is not None:
+        if include_fp and qat_bits is not None:  # the QAT model as it is: its own learned quantizers
             m, dt = _evaluate(model, evals, device)
             w, a = qat_bits
-            rows.append(dict(checkpoint=name, method=method, config=f"W{w or 32}A{a or 32}", w_bits=w, a_bits=a,
+            add(dict(checkpoint=name, method=method, config=f"W{w or 32}A{a or 32}", w_bits=w, a_bits=a,
                              observer="learned", ptq_method="qat", w_granularity="per-channel" if w else None,
                              quant_attn=False, accuracy=m["accuracy"], loss=m["loss"], calib_time_s=0.0,
                              eval_time_s=dt))
         for cfg in configs:
             qm = quantize_model(model, cfg, calib, device=device, progress=progress)
             m, dt = _evaluate(qm, evals, device)
-            rows.append(dict(checkpoint=name, method=method, config=cfg.label, w_bits=cfg.w_bits,
+            add(dict(checkpoint=name, method=method, config=cfg.label, w_bits=cfg.w_bits,
                              a_bits=cfg.a_bits, observer=cfg.observer, ptq_method=cfg.method,
                              w_granularity=("per-channel" if cfg.w_per_channel else "per-tensor")
                              if cfg.w_bits is not None else None,
@@ -193,7 +201,8 @@ def wqe_vs_aqe(model: nn.Module, calib_batches: Iterable[Any], eval_batches: Ite
 
 def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig], *, batch_size: int = 256,
                       device: torch.device | str | None = None, data_dir: str | Path | None = None,
-                      n_eval: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                      n_eval: int | None = None, progress: bool = True, include_fp: bool = True,
+                      on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """:func:`sweep` over workbench checkpoints, each calibrated and evaluated on its own dataset.
 
     Calibration uses the first ``n_calib`` images of the dataset's ``calib`` split (a subset of
@@ -222,7 +231,8 @@ def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig],
         calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
         evals = list(batches(data.test, data.info, batch_size, limit=n_eval, device=device or "cpu"))
         method = (ckpt.get("method_config") or {}).get("method", "plain")
-        rows += sweep([(str(path), model, method)], configs, calib, evals, device=device, progress=progress)
+        rows += sweep([(str(path), model, method)], configs, calib, evals, device=device, progress=progress,
+                      include_fp=include_fp, on_row=on_row)
     return rows
 
 

@@ -161,20 +161,15 @@ class _Capture(Exception):
 
 
 @torch.no_grad()
-def _unit_io(model: nn.Module, unit: nn.Module, images: Sequence[torch.Tensor], *, inputs: bool,
-             ) -> list[torch.Tensor]:
-    """The unit's first positional input (``inputs``) or output, for every batch of ``images``."""
+def _unit_inputs(model: nn.Module, unit: nn.Module, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The unit's first positional input for every batch of ``images`` (the model stops there)."""
     out: list[torch.Tensor] = []
 
     def pre_hook(_m: nn.Module, args: tuple) -> None:
         out.append(args[0].detach())
         raise _Capture
 
-    def hook(_m: nn.Module, _args: tuple, y: torch.Tensor) -> None:
-        out.append(y.detach())
-        raise _Capture
-
-    handle = unit.register_forward_pre_hook(pre_hook) if inputs else unit.register_forward_hook(hook)
+    handle = unit.register_forward_pre_hook(pre_hook)
     try:
         for x in images:
             try:
@@ -184,6 +179,29 @@ def _unit_io(model: nn.Module, unit: nn.Module, images: Sequence[torch.Tensor], 
     finally:
         handle.remove()
     return out
+
+
+@torch.no_grad()
+def _record_all(model: nn.Module, units: dict[str, nn.Module], images: Sequence[torch.Tensor], *,
+                inputs: bool) -> dict[str, torch.Tensor]:
+    """Every unit's output (and, with ``inputs``, also its input under ``name + '<in'``) over all
+    ``images``, in one pass of the model: the full-precision side never changes, so it is read once."""
+    out: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, unit in units.items():
+        def hook(_m: nn.Module, args: tuple, y: torch.Tensor, name: str = name) -> None:
+            out.setdefault(name, []).append(y.detach())
+            if inputs:
+                out.setdefault(name + "<in", []).append(args[0].detach())
+
+        handles.append(unit.register_forward_hook(hook))
+    try:
+        for x in images:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -273,13 +291,12 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Sequence[torch.T
         raise ConfigError(f"reconstruction must be one of {RECONSTRUCTIONS[1:]}, got {kind!r}")
     units = reconstruction_units(qmodel, kind)
     generator = torch.Generator().manual_seed(seed)
+    fp = _record_all(fp_model, {name: fp_model.get_submodule(name) for name, _ in units}, images, inputs=drop > 0)
     rows = []
     for name, unit in tqdm(units, desc=f"{kind} reconstruction", unit="unit", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        fp_unit = fp_model.get_submodule(name)
-        q_in = torch.cat(_unit_io(qmodel, unit, images, inputs=True))
-        target = torch.cat(_unit_io(fp_model, fp_unit, images, inputs=False))
-        fp_in = torch.cat(_unit_io(fp_model, fp_unit, images, inputs=True)) if drop > 0 else None
+        q_in = torch.cat(_unit_inputs(qmodel, unit, images))
+        target, fp_in = fp.pop(name), fp.pop(name + "<in", None)
         row = _reconstruct_unit(unit, q_in, fp_in, target, iters=iters, learn_steps=kind == "brecq",
                                 drop=drop, generator=generator)
         rows.append({"unit": name, **row, "seconds": time.perf_counter() - t0})
