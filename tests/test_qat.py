@@ -100,3 +100,13 @@ def test_qat_fine_tunes_a_parent_and_resumes_its_steps(qat_run: Path, tmp_path: 
     assert run["params"]["method"]["method"] == "qat" and run["params"]["init"]["method"] == "qat"
     model, _ = load_model(out / "model.pt")
     assert lsq.has_quantizers(model)
+
+
+@pytest.mark.parametrize("bits", ["W1A4", "W4A1", "W17A4"])
+def test_qat_at_an_impossible_bit_width_is_a_clear_error(bits: str, capsys, tmp_path, monkeypatch) -> None:
+    # through the command a user types: refused before any data is read or folder made
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", "--method", "qat", "--bits", bits, "--epochs", "0.01", "--out", "never-made"])
+    err = capsys.readouterr().err
+    assert code != 0 and "out of range" in err and "2 to 16" in err
+    assert not Path("never-made").exists()
