@@ -210,7 +210,7 @@ def _images(batch: Any) -> torch.Tensor:
 
 
 def _take(batches: Iterable[Any] | None, n: int) -> list[Any]:
-    """The first ``n`` images of ``batches`` as a list of batches (the calibration set, again)."""
+    """The first ``n`` images of ``batches`` (tensors or ``(images, labels)``) as a list of image tensors."""
     out, seen = [], 0
     for batch in batches if batches is not None else ():
         x = _images(batch)[: n - seen]
@@ -346,8 +346,11 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
         logger.warning("model has no Linear/Conv layer: nothing to quantize")
     quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
     learned = config.reconstruction != "none"
-    if config.bias_correction or learned:  # the calibration images are read again: an iterator would be spent
-        calib_batches = _take(calib_batches, config.n_calib)
+    observing = any(q.mode == "observe" for q in quantizers)
+    # the calibration images, read once (an iterator would be spent) and reused by every step below
+    images = ([x.to(device) for x in _take(calib_batches, config.n_calib)]
+              if observing or config.bias_correction or learned else [])
+    seen = sum(int(x.shape[0]) for x in images)
     pairs = []
     if config.repq and config.a_bits is not None:
         from .reparam import layernorm_pairs
@@ -356,21 +359,13 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
         if not pairs:
             raise ConfigError(f"repq reparameterizes LayerNorm -> Linear pairs (timm ViT blocks); "
                               f"{type(model).__name__} has none. Leave repq off for this model")
-    seen = 0
 
     def calibrate() -> None:
-        nonlocal seen
-        for batch in calib_batches if calib_batches is not None else ():
-            x = _images(batch)[: config.n_calib - seen]
-            if x.shape[0] == 0:
-                continue
-            qmodel(x.to(device))
-            seen += x.shape[0]
-            if seen >= config.n_calib:
-                break
+        for x in images:
+            qmodel(x)
 
     details: dict[str, Any] = {}
-    if any(q.mode == "observe" for q in quantizers):
+    if observing:
         if pairs:
             from .reparam import observe_channel_ranges
 
@@ -400,10 +395,9 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
                 q.mode = "off"
                 continue
             q.freeze()
-    images = [_images(b).to(device) for b in calib_batches] if (config.bias_correction or learned) else []
     if (config.bias_correction or learned) and not images:
         raise DataError(f"{config.method} needs calibration images: pass calib_batches with at least one image")
-    fp_model = copy.deepcopy(model).to(device).eval() if images else None
+    fp_model = copy.deepcopy(model).to(device).eval() if (config.bias_correction or learned) else None
     if learned and n_layers:
         from .reconstruction import reconstruct
 
