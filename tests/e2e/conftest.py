@@ -73,15 +73,14 @@ LIGHT_PARAMETERS: dict[str, dict[str, object]] = {
 
 
 def inject_parameters(path: Path, params: dict[str, object]) -> None:
-    """Put an ``injected-parameters`` cell after the ``parameters`` cell, as papermill does."""
+    """Put an ``injected-parameters`` cell after the ``parameters`` cell: papermill's own code,
+    so the browser sees what a papermill-executed notebook would hold."""
     import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
 
-    nb = nbformat.read(path, as_version=4)
-    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    cell = nbformat.v4.new_code_cell("# Parameters of the browser test (tests/e2e/conftest.py)\n"
-                                     + "\n".join(f"{k} = {v!r}" for k, v in params.items()))
-    cell.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(at + 1, cell)
+    nb = parameterize_notebook(load_notebook_node(str(path)), params, kernel_name="python3", language="python",
+                               comment="Parameters of the browser test (tests/e2e/conftest.py)")
     nbformat.write(nb, path)
 
 
