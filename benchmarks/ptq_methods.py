@@ -49,12 +49,13 @@ def ptq_methods(n_calib: int, recon_iters: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def fine_tune(out: Path, arm: str, parent: int, epochs: float) -> tuple[Path, str]:
-    """The fine-tune's checkpoint (trained now unless it is there) and the command that made it."""
+def fine_tune(out: Path, arm: str, parent: int, epochs: float, train: bool = True) -> tuple[Path, str]:
+    """The fine-tune's checkpoint (trained now unless it is there, or ``train`` is off) and the
+    command that makes it."""
     run = out / "runs" / f"{arm}-s{parent}"
     cmd = ["workbench", "train", "--init", f"zoo:vit-micro-mini-s{parent}", "--method", arm, *ARMS[arm],
            "--epochs", str(epochs), "--seed", str(parent), "--out"]
-    if not (run / "model.pt").exists():
+    if train and not (run / "model.pt").exists():
         exe = [str(Path(sys.executable).with_name("workbench")), *cmd[1:], str(run)]
         subprocess.run(exe + (["--overwrite"] if run.exists() else []), check=True)
     return run / "model.pt", shlex.join([*cmd, f"OUT/runs/{run.name}"])  # OUT: this script's --out
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--recon-iters", type=int, default=100)
     ap.add_argument("--methods", default=None, help="comma list of columns (default all)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite the report from OUT/rows.csv (e.g. after copying the rows elsewhere)")
     args = ap.parse_args()
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +133,10 @@ def main() -> None:
     commands = []
     for parent in [int(p) for p in args.parents.split(",")]:
         for arm in ARMS:
-            ckpt, cmd = fine_tune(out, arm, parent, args.epochs)
+            ckpt, cmd = fine_tune(out, arm, parent, args.epochs, train=not args.report_only)
             commands.append(cmd)
+            if args.report_only:
+                continue
             done = {(r["config"], r["column"]) for r in rows if r["arm"] == arm and int(r["seed"]) == parent}
             for column in methods:
                 configs = [PTQConfig(w_bits=w, a_bits=a, n_calib=args.n_calib, **all_methods[column])
