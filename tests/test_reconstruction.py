@@ -228,3 +228,20 @@ def test_ptq_command_runs_learned_rounding_and_labels_the_rows(ptq_cli) -> None:
     rows = ptq_cli("--bits", "4", "--n-calib", "32", "--n-eval", "64", "--reconstruction", "adaround",
                    "--recon-iters", "3")
     assert [(r["config"], r["ptq_method"]) for r in rows] == [("FP32", None), ("W4A4", "adaround")]
+
+
+def test_not_applicable_names_the_methods_a_model_cannot_take(capsys) -> None:
+    from workbench import nbtools
+    from workbench.models import create
+    from workbench.ptq import not_applicable
+
+    cnn = create("cnn-small", num_classes=10, in_chans=1, img_size=8).eval()
+    vit = tiny_vit()
+    repq, brecq = PTQConfig(w_bits=4, a_bits=4, repq=True), PTQConfig(w_bits=4, a_bits=4, reconstruction="brecq")
+    assert "LayerNorm" in not_applicable(repq, cnn) and "blocks" in not_applicable(brecq, cnn)
+    assert not_applicable(repq, vit) is None and not_applicable(brecq, vit) is None
+    assert not_applicable(PTQConfig(w_bits=4, a_bits=None, repq=True), cnn) is None  # nothing to reparameterize
+    methods = {"bias correction": {"bias_correction": True}, "RepQ": {"repq": True}}
+    configs = nbtools.ptq_method_configs(methods, 3, cnn)
+    assert [c.method for c in configs] == ["rtn", "rtn+bc"] and "RepQ: left out" in capsys.readouterr().out
+    assert [c.method for c in nbtools.ptq_method_configs(methods, 3, vit)] == ["rtn", "rtn+bc", "repq+rtn"]

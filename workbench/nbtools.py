@@ -570,6 +570,24 @@ def ptq_configs(bits: Sequence[int], observers: Sequence[str] = ("minmax",), n_c
                                  "w_per_channel": per_channel, **overrides}) for o in observers for b in bits]
 
 
+def ptq_method_configs(methods: dict[str, dict[str, Any]], bits: int, model: Any, n_calib: int = 128,
+                       observer: str = "minmax") -> list[Any]:
+    """Round to nearest plus one ``WbAb`` setting per named method (``{name: PTQConfig fields}``),
+    leaving out, with a printed reason, the methods that do not apply to ``model`` (RepQ on a CNN,
+    say) (introduced in 03_ptq)."""
+    from .ptq import not_applicable
+
+    configs = ptq_configs([bits], [observer], n_calib=n_calib)
+    for name, fields in methods.items():
+        cfg = ptq_configs([bits], [observer], n_calib=n_calib, **fields)[0]
+        reason = not_applicable(cfg, model)
+        if reason:
+            print(f"{name}: left out, {reason}")
+        else:
+            configs.append(cfg)
+    return configs
+
+
 def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per error kind (and site): how well ``step/sqrt(12)`` predicts the measured std and how
     Gaussian the errors look, averaged over layers (introduced in 01_error_model)."""

@@ -4,12 +4,12 @@ See :mod:`workbench.ptq.engine` for what is quantized and what stays in floating
 """
 
 from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep, sweep_checkpoints, wqe_vs_aqe
-from .engine import FLOAT_OPS, PTQConfig, QuantizedModel, quantize_model
+from .engine import FLOAT_OPS, PTQConfig, QuantizedModel, not_applicable, quantize_model
 from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear
 from .observers import OBSERVERS, Observer, make_observer
 
 __all__ = [
     "FLOAT_OPS", "OBSERVERS", "SWEEP_COLUMNS", "configs_from_bits", "format_table", "sweep", "sweep_checkpoints",
     "wqe_vs_aqe", "ActQuantizer", "Observer", "PTQConfig", "QuantAttention", "QuantConv",
-    "QuantLinear", "QuantizedModel", "make_observer", "quantize_model",
+    "QuantLinear", "QuantizedModel", "make_observer", "not_applicable", "quantize_model",
 ]

@@ -138,6 +138,25 @@ class PTQConfig:
         return dataclasses.replace(self, **changes)
 
 
+def not_applicable(config: PTQConfig, model: nn.Module) -> str | None:
+    """Why ``config`` cannot quantize ``model`` (a sentence), or ``None`` when it can.
+
+    For callers that try many methods on many architectures (notebooks, sweeps) and would
+    rather skip a method that does not apply than stop: ``repq`` needs LayerNorm -> Linear pairs
+    (ViT blocks) and ``brecq`` needs blocks it knows. :func:`quantize_model` raises the same
+    reasons as errors.
+    """
+    from .reconstruction import has_known_blocks
+    from .reparam import has_layernorm_pairs
+
+    name = type(model).__name__
+    if config.repq and config.a_bits is not None and not has_layernorm_pairs(model):
+        return f"repq needs LayerNorm -> Linear pairs (ViT blocks); {name} has none"
+    if config.reconstruction == "brecq" and not has_known_blocks(model):
+        return f"brecq needs blocks it knows (timm ViT Block, ResNet BasicBlock/Bottleneck); {name} has none"
+    return None
+
+
 def _bits_for(bits: int | None, boundary: bool, config: PTQConfig) -> int | None:
     if bits is None or not (boundary and config.first_last_8bit):
         return bits

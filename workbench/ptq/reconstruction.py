@@ -125,6 +125,12 @@ def _block_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def has_known_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` has a block that ``brecq`` can reconstruct as a unit."""
+    types = _block_types()
+    return bool(types) and any(isinstance(m, types) for m in model.modules())
+
+
 def reconstruction_units(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
     """The units reconstructed one after the other, in the model's order.
 

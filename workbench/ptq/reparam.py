@@ -50,6 +50,12 @@ def layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, _QuantLay
     return pairs
 
 
+def has_layernorm_pairs(model: nn.Module) -> bool:
+    """Whether a float model has a LayerNorm -> Linear pair that :func:`layernorm_pairs` would find."""
+    return any(isinstance(getattr(m, "norm1", None), nn.LayerNorm)
+               and isinstance(getattr(getattr(m, "attn", None), "qkv", None), nn.Linear) for m in model.modules())
+
+
 class ChannelRange:
     """Per-channel min and max of a layer's input (last dimension = channels), as a pre-hook."""
 
