@@ -296,6 +296,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Sequence[torch.T
     if kind not in RECONSTRUCTIONS[1:]:
         raise ConfigError(f"reconstruction must be one of {RECONSTRUCTIONS[1:]}, got {kind!r}")
     units = reconstruction_units(qmodel, kind)
+    for p in qmodel.parameters():  # only the rounding variables and steps learn: no gradients for the rest
+        p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     fp = _record_all(fp_model, {name: fp_model.get_submodule(name) for name, _ in units}, images, inputs=drop > 0)
     rows = []
