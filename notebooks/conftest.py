@@ -6,6 +6,10 @@ import os
 import shutil
 import tempfile
 
+#: The course notebooks are run by tests/test_course.py instead: their exercise versions fail on
+#: purpose, and the solutions run there with lighter parameters.
+collect_ignore_glob = ["course/*"]
+
 _ENV = "WORKBENCH_OUT_ROOT"  # read by workbench.nbtools.default_out_root (the kernel inherits it)
 
 

@@ -74,6 +74,8 @@ def test_notebooks_command_copies_and_never_overwrites_silently(tmp_path, capsys
     names = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert sorted(p.name for p in dest.glob("*.ipynb")) == names and len(got["files"]) >= len(names)
     assert (dest / "00_quickstart.ipynb").read_bytes() == (ROOT / "notebooks" / "00_quickstart.ipynb").read_bytes()
+    course = sorted(p.name for p in (ROOT / "notebooks" / "course").glob("*.ipynb"))
+    assert course and sorted(p.name for p in (dest / "course").glob("*.ipynb")) == course
     (dest / "00_quickstart.ipynb").write_text("my edits")
     assert cli.main(["notebooks", str(dest)]) == 6  # an output-folder error: nothing replaced
     assert "--overwrite" in capsys.readouterr().err

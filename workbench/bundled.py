@@ -31,7 +31,7 @@ def bundled_dir(kind: str) -> Path:
 
 
 def copy_notebooks(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
-    """Copy the workbench's notebooks (and their ``sweeps/`` grids) into ``dest`` for a user to run
+    """Copy the workbench's notebooks (their ``sweeps/`` grids and the ``course/`` exercises too) into ``dest`` for a user to run
     and edit; the copies find the dataset and the zoo through the installed package.
 
     Returns:
@@ -46,7 +46,8 @@ def copy_notebooks(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
     from .errors import RunDirError
 
     source, dest = bundled_dir("notebooks"), Path(dest).expanduser().resolve()
-    files = sorted(source.glob("*.ipynb")) + sorted((source / "sweeps").glob("*.yaml"))
+    files = (sorted(source.glob("*.ipynb")) + sorted((source / "sweeps").glob("*.yaml"))
+             + sorted((source / "course").glob("*.ipynb")))
     targets = [dest / f.relative_to(source) for f in files]
     clash = [t for t in targets if t.exists()]
     if clash and not overwrite:
