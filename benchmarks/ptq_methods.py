@@ -73,7 +73,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], methods: list[str], commands: list[str]) -> str:
+FLAGS = {"observer": "--observer {}", "bias_correction": "--bias-correction", "reconstruction": "--reconstruction {}",
+         "qdrop": "--qdrop {}", "recon_iters": "--recon-iters {}", "repq": "--repq"}
+
+
+def ptq_command(fields: dict[str, Any], n_calib: int, n_eval: int) -> str:
+    """The ``workbench ptq`` command that quantizes one checkpoint as a column of the table does."""
+    flags = [FLAGS[k].format(v) for k, v in fields.items() if v is not False]
+    bits = ",".join(f"W{w}A{a}" for w, a in BITS)
+    return f"workbench ptq CKPT --bits {bits} --n-calib {n_calib} --n-eval {n_eval} " + " ".join(flags)
+
+
+def markdown(rows: list[dict[str, Any]], methods: list[str], commands: list[str],
+             ptq_commands: dict[str, str] | None = None) -> str:
     configs = [f"W{w}A{a}" for w, a in BITS]
     q = [r for r in rows if r["config"] != "FP32" and r["column"] != "qat-own"]
     summary = stats.paired_summary(q, value="accuracy", arm="arm", pair="seed", by=("config", "column"))
@@ -107,6 +119,9 @@ def markdown(rows: list[dict[str, Any]], methods: list[str], commands: list[str]
               "| " + " | ".join(methods) + " |", "|" + "---|" * len(methods)]
     times = [[r["calib_time_s"] for r in q if r["column"] == m] for m in methods]
     lines.append("| " + " | ".join(f"{sum(t) / len(t):.1f}" if t else "-" for t in times) + " |")
+    if ptq_commands:
+        lines += ["", "Each column as a command (CKPT: a fine-tune's `model.pt`):", "", "```",
+                  *(f"{m:<13} {ptq_commands[m]}" for m in methods), "```"]
     lines += ["", "Commands: the fine-tunes (OUT is the script's --out folder), then the table itself:", "",
               "```", *commands, "python benchmarks/ptq_methods.py --out OUT", "```", ""]
     return "\n".join(lines)
@@ -156,7 +171,8 @@ def main() -> None:
 
                 sweep_checkpoints([ckpt], configs, n_eval=args.n_eval, include_fp=first, on_row=save)
     write_json(out / "run.json", run_metadata({**vars(args), "commands": commands}))
-    text = markdown(rows, methods, commands)
+    text = markdown(rows, methods, commands,
+                    {m: ptq_command(all_methods[m], args.n_calib, args.n_eval) for m in methods})
     atomic_write_text(out / "ptq_methods.md", text)
     print(text)
 
