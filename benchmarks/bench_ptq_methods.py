@@ -53,6 +53,7 @@ def main() -> None:
     calib = list(nbtools.calib_batches(bundle, args.n_calib))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.init} {args.bits}, "
           f"{args.n_calib} calibration images, {args.recon_iters} reconstruction steps per unit")
+    quantize_model(model, PTQConfig(w_bits=w, a_bits=a, n_calib=args.n_calib), calib)  # warm-up, untimed
     rows = []
     for name in args.methods.split(","):
         cfg = PTQConfig(w_bits=w, a_bits=a, n_calib=args.n_calib, recon_iters=args.recon_iters, **METHODS[name])
