@@ -157,10 +157,7 @@ class LabServer:
         dirs = {name: self.home / name for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        labconfig = dirs["config"] / "labconfig"
-        labconfig.mkdir(exist_ok=True)
-        (labconfig / "page_config.json").write_text(
-            json.dumps({"disabledExtensions": {name: True for name in self.disabled_extensions}}))
+        self.set_disabled_extensions(self.disabled_extensions)
         for plugin, values in LAB_SETTINGS.items():
             path = dirs["settings"] / f"{plugin}.jupyterlab-settings"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +170,18 @@ class LabServer:
             "JUPYTERLAB_WORKSPACES_DIR": str(dirs["workspaces"]),
             "IPYTHONDIR": str(dirs["ipython"]),
         }
+
+    def set_disabled_extensions(self, names: Sequence[str]) -> None:
+        """Disable these lab extensions (and enable every other) from the next page load on.
+
+        The server reads ``labconfig/page_config.json`` on every request for the Lab page, so one
+        running server can serve pages under different front-ends, one after another.
+        """
+        self.disabled_extensions = tuple(names)
+        labconfig = self.home / "config" / "labconfig"
+        labconfig.mkdir(parents=True, exist_ok=True)
+        (labconfig / "page_config.json").write_text(
+            json.dumps({"disabledExtensions": {name: True for name in self.disabled_extensions}}))
 
     def command(self) -> list[str]:
         # sys.executable: the server and its python3 kernel run in the test's own environment,

@@ -4,30 +4,45 @@ A small notebook with the explorer's shape (a bit slider whose observer redraws 
 is judged under a healthy front-end (must pass), with the slider not wired to the figure (the
 slider check must fail), and with the anywidget or the widget-manager lab extension disabled
 (the figure check must fail). Extensions are disabled through the test server's own
-``labconfig/page_config.json`` (what ``jupyter labextension disable`` writes), so nothing global changes.
+``labconfig/page_config.json`` (what ``jupyter labextension disable`` writes), so nothing global
+changes; the server reads it on every page load, so one server serves all three front-ends.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import browserlab as bl
 import pytest
 from browserlab import Artifacts
 
+#: The demo notebooks, one per front-end they are judged under (a fresh kernel each).
+DEMOS = {"demo.ipynb": True, "demo_unwired.ipynb": False, "demo_anywidget_off.ipynb": True,
+         "demo_manager_off.ipynb": True}
 
-def _demo(tmp_path: Path, pw: object, chromium: str, disabled: tuple[str, ...], artifacts: Artifacts,
-          notebooks: dict[str, bool]) -> dict[str, tuple[list[str], list[str]]]:
+
+@pytest.fixture(scope="module")
+def judge_server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[bl.LabServer]:
+    """One JupyterLab for every judge test (starting one costs tens of seconds on 2 cores); each
+    test sets the extensions it disables before it opens its pages."""
+    base = tmp_path_factory.mktemp("judge")
+    root = base / "root"
+    root.mkdir()
+    for name, wired in DEMOS.items():
+        bl.demo_notebook(root / name, wired=wired)
+    with bl.LabServer(root, base / "home") as server:
+        yield server
+
+
+def _demo(server: bl.LabServer, pw: object, chromium: str, disabled: tuple[str, ...], artifacts: Artifacts,
+          notebooks: list[str]) -> dict[str, tuple[list[str], list[str]]]:
     """Run the demo notebooks under a front-end with ``disabled`` extensions; per notebook the
     page problems and the slider-move problems."""
-    root = tmp_path / "root"
-    root.mkdir()
-    for name, wired in notebooks.items():
-        bl.demo_notebook(root / name, wired=wired)
+    server.set_disabled_extensions(disabled)
     out = {}
-    with bl.LabServer(root, tmp_path / "home", disabled_extensions=disabled) as server, \
-            bl.open_browser(pw, chromium) as browser:
+    with bl.open_browser(pw, chromium) as browser:
         for name in notebooks:
             nb = bl.NotebookPage(browser, server, name).open()
             nb.run_all()
@@ -46,8 +61,8 @@ def _demo(tmp_path: Path, pw: object, chromium: str, disabled: tuple[str, ...], 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_judge_passes_a_healthy_front_end_and_catches_an_unwired_slider(
-        tmp_path: Path, playwright: object, chromium: str, artifacts: Artifacts) -> None:
-    res = _demo(tmp_path, playwright, chromium, (), artifacts, {"demo.ipynb": True, "demo_unwired.ipynb": False})
+        judge_server: bl.LabServer, playwright: object, chromium: str, artifacts: Artifacts) -> None:
+    res = _demo(judge_server, playwright, chromium, (), artifacts, ["demo.ipynb", "demo_unwired.ipynb"])
     assert res["demo.ipynb"] == ([], []), res["demo.ipynb"]
     page, move = res["demo_unwired.ipynb"]
     assert page == [], page
@@ -56,10 +71,11 @@ def test_judge_passes_a_healthy_front_end_and_catches_an_unwired_slider(
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.parametrize("disabled", [bl.ANYWIDGET, bl.WIDGET_MANAGER])
-def test_judge_fails_on_a_broken_front_end(tmp_path: Path, playwright: object, chromium: str,
-                                           artifacts: Artifacts, disabled: str) -> None:
-    page, move = _demo(tmp_path, playwright, chromium, (disabled,), artifacts, {"demo.ipynb": True})["demo.ipynb"]
+@pytest.mark.parametrize("disabled, notebook", [(bl.ANYWIDGET, "demo_anywidget_off.ipynb"),
+                                                (bl.WIDGET_MANAGER, "demo_manager_off.ipynb")])
+def test_judge_fails_on_a_broken_front_end(judge_server: bl.LabServer, playwright: object, chromium: str,
+                                           artifacts: Artifacts, disabled: str, notebook: str) -> None:
+    page, move = _demo(judge_server, playwright, chromium, (disabled,), artifacts, [notebook])[notebook]
     assert any("rendered plotly figure" in p for p in page), page
     assert move, "a slider move cannot be judged good when the figure is not there"
 
