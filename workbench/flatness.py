@@ -52,6 +52,7 @@ from torch.func import functional_call, grad, jvp
 from . import distributed as wdist
 from . import quant
 from .errors import ConfigError, ModelError
+from .stats import MIN_RANK_POINTS, spearman  # noqa: F401  (spearman: re-exported, used below)
 
 log = logging.getLogger(__name__)
 
@@ -1254,38 +1255,6 @@ def sharpness_gaussian(target: LossHessian | nn.Module, data: Batch | Iterable[B
         return SharpnessResult("gaussian", radius, mean, se, base, samples, relative, time.perf_counter() - t0)
 
 
-# ----------------------------------------------------------------------------- rank correlation
-
-
-def _ranks(x: Sequence[float]) -> list[float]:
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for t in range(i, j + 1):  # ties share the average rank
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN if fewer than 2 points or a constant input."""
-    if len(x) != len(y):
-        raise ConfigError(f"x and y differ in length: {len(x)} vs {len(y)}")
-    pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
-    if len(pairs) < 2:
-        return math.nan
-    rx, ry = _ranks([a for a, _ in pairs]), _ranks([b for _, b in pairs])
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
-
-
 # ----------------------------------------------------------------------------- reports
 
 
@@ -1357,9 +1326,8 @@ MEASURES: dict[str, Callable[[dict[str, Any], str], float]] = {
 }
 
 
-#: Fewest models a rank correlation is computed over: with 2 models Spearman's rho is +-1 by
-#: construction, with 3 or 4 it takes a handful of values that chance reaches easily.
-MIN_RANK_MODELS = 5
+#: Fewest models a rank correlation is computed over (:data:`workbench.stats.MIN_RANK_POINTS`).
+MIN_RANK_MODELS = MIN_RANK_POINTS
 
 
 def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch], *,

@@ -566,42 +566,26 @@ def spearman_table(got: Mapping[str, list[dict[str, Any]]], config: str = "W4A4"
     return out
 
 
-def check_targets(summary_rows: Sequence[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """The project's targets for ``dnq`` against ``plain``, ``sam`` and ``swa`` at W4A4/W3A3 (min-max,
-    attention matmuls quantized), each with its value and whether it was met."""
-    rows = {r["label"]: r for r in summary_rows if r["model"] == model}
-    dnq, plain, sam, swa = (rows.get(k) for k in ("dnq", "plain", "sam", "swa"))
-    out: list[dict[str, Any]] = []
-    if not (dnq and plain):
-        return out
+def paired_effects(got: Mapping[str, list[dict[str, Any]]], model: str, bits: Sequence[str] = ("W4A4", "W3A3"),
+                   observer: str = "minmax") -> list[dict[str, Any]]:
+    """Each method against ``plain`` of the same seed (replacing the project's old pass/fail
+    targets): the paired accuracy difference at FP and ``bits`` (``observer``, attention matmuls
+    quantized) with its 95 % t interval and verdict (:func:`workbench.stats.paired_summary`)."""
+    from .stats import paired_summary
 
-    def spread(r: dict[str, Any], key: str) -> tuple[float, float]:
-        vals = r.get(f"{key}_values") or []
-        return (min(vals), max(vals)) if vals else (math.nan, math.nan)
-
-    k = "W4A4_minmax"
-    d_drop, p_drop = dnq.get(f"{k}_drop", math.nan), plain.get(f"{k}_drop", math.nan)
-    (d_lo, _), (_, p_hi) = spread(dnq, k), spread(plain, k)
-    out.append({"target": "W4A4: dnq loses at most a third of what plain loses",
-                "value": f"dnq drop {d_drop:.2f} vs plain {p_drop:.2f} (ratio {d_drop / p_drop:.2f})"
-                if p_drop else "-", "met": bool(p_drop > 0 and d_drop <= p_drop / 3)})
-    out.append({"target": "W4A4: seed spreads do not overlap (dnq's worst above plain's best)",
-                "value": f"dnq min {d_lo:.2f} vs plain max {p_hi:.2f}", "met": bool(d_lo > p_hi)})
-    gap = plain["fp_accuracy"] - dnq["fp_accuracy"]
-    out.append({"target": "FP accuracy of dnq within 0.5 points of plain",
-                "value": f"{dnq['fp_accuracy']:.2f} vs {plain['fp_accuracy']:.2f} ({-gap:+.2f})", "met": bool(gap <= 0.5)})
-    for other in (sam, swa):
-        if not other:
+    members = {m["job"]: m for m in got["members"] if m["model"] == model}
+    rows = []
+    for r in got["ptq"]:
+        m = members.get(r["job"])
+        if m is None:
             continue
-        for b in ("W4A4", "W3A3"):
-            key = f"{b}_minmax_accuracy"
-            dv, ov = dnq.get(key, math.nan), other.get(key, math.nan)
-            out.append({"target": f"{b}: dnq beats {other['label']}", "value": f"{dv:.2f} vs {ov:.2f}",
-                        "met": bool(dv > ov)})
-    if sam:
-        ratio = dnq["epoch_time_s"] / sam["epoch_time_s"]
-        out.append({"target": "dnq trains in at most 0.6x SAM's time", "value": f"{ratio:.2f}x", "met": bool(ratio <= 0.6)})
-    return out
+        if r["config"] == "FP32" or (r["config"] in bits and r.get("observer") == observer
+                                     and bool(r.get("quant_attn", True))):
+            rows.append({"arm": m["label"], "seed": m["seed"], "config": r["config"], "accuracy": r["accuracy"]})
+    out = [r for r in paired_summary(rows, by=("config",)) if "diff_mean" in r]
+    order = {c: i for i, c in enumerate(("FP32", *bits))}
+    labels = _order(r["arm"] for r in out)
+    return sorted(out, key=lambda r: (order.get(r["config"], 99), labels.index(r["arm"])))
 
 
 # ---------------------------------------------------------------------------------------
@@ -799,11 +783,13 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
                   f"### `{model}`: cost", "",
                   _pm_table(rows, [("epoch_time_s", "s / epoch"), ("time_vs_plain", "x plain"),
                                    ("time_vs_sam", "x SAM")]), ""]
-        targets = check_targets(summary, model)
-        if targets:
-            lines += [f"### `{model}`: the project's targets", "",
-                      _md_table([{**t, "met": "yes" if t["met"] else "**no**"} for t in targets],
-                                [("target", "target"), ("value", "value"), ("met", "met")]), ""]
+        effects = paired_effects(main, model)
+        if effects:
+            lines += [f"### `{model}`: paired differences to `plain` (same seed; min-max, 95 % t interval)", "",
+                      _md_table([{**e, "diff": f"{e['diff_mean']:+.2f}", "ci": f"[{e['diff_ci_low']:+.2f}, "
+                                  f"{e['diff_ci_high']:+.2f}]"} for e in effects],
+                                [("config", "setting"), ("arm", "method"), ("n_pairs", "seeds"), ("diff", "difference"),
+                                 ("ci", "95 % interval"), ("verdict", "verdict")]), ""]
         lines += [f"Figures: {link(f'accuracy_vs_bits_{model}')}, {link(f'trace_vs_drop_{model}')}, "
                   f"{link(f'predicted_vs_measured_{model}')}.", ""]
     lines += ["### Which curvature measure ranks the damage? (Spearman over members)", "",
@@ -862,6 +848,16 @@ def add_study_parser(sub: Any, add_json: Any) -> None:
     a.add_argument("--jobs", type=int, default=1)
     a.add_argument("--tag", default=None, help="name of the added tables (default: the observers)")
     add_json(a)
+    f = ssub.add_parser("finetune", help="the fine-tune protocol: trained parents, paired arms, PTQ settings, "
+                                         "intervals (docs/study/finetune/*.yaml); resumable")
+    f.add_argument("protocol", help="protocol file (YAML), e.g. docs/study/finetune/quick.yaml")
+    f.add_argument("--out", required=True, help="protocol folder: finished members in it are kept, the rest run")
+    f.add_argument("--jobs", type=int, default=1, help="members at a time (one CPU thread each)")
+    f.add_argument("--dest", help="where the report's tables and figures go (default OUT/report)")
+    f.add_argument("--md", help="Markdown file whose finetune block is replaced (e.g. docs/results.md)")
+    f.add_argument("--report-only", action="store_true", help="only rewrite the report from OUT's members")
+    f.add_argument("--no-progress", action="store_true")
+    add_json(f)
     q = ssub.add_parser("report", help="(re)write a study folder's tables, figures and Markdown")
     q.add_argument("folder")
     q.add_argument("--dest")
@@ -887,6 +883,8 @@ def run_study_command(args: Any) -> int:
                 print(f"selected on the validation split: {res['selected']}")
             print(f"report: {res['report']['results_md']}")
         return 8 if failed else 0
+    if args.study_command == "finetune":
+        return _finetune_command(args)
     if args.study_command == "ptq":
         rows = add_ptq(args.folder, bits=args.bits.split(","), observers=args.observers.split(","),
                        attention=[True, False] if args.no_attn else [True], jobs=args.jobs, tag=args.tag)
@@ -899,3 +897,27 @@ def run_study_command(args: Any) -> int:
     else:
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
+
+
+def _finetune_command(args: Any) -> int:
+    """``workbench study finetune``: exit 8 if a member failed (the report lists it)."""
+    import json
+
+    from .batch.finetune_report import write_report
+    from .batch.finetune_study import run_protocol
+    from .batch.protocol import Protocol
+
+    protocol = Protocol.from_file(args.protocol)
+    failed: list = []
+    if not args.report_only:
+        res = run_protocol(protocol, args.out, jobs=args.jobs, progress=not args.no_progress)
+        failed = res["failed"]
+        if res["search"].get("chosen"):
+            print(f"search (validation split): {res['search']['chosen']}")
+    paths = write_report(args.out, dest=args.dest, md=args.md)
+    if args.json:
+        print(json.dumps({"out": str(args.out), "failed": failed, **{k: str(v) for k, v in paths.items()}},
+                         indent=2, default=str))
+    else:
+        print(f"report: {paths['report']}" + (f" ({len(failed)} member(s) failed)" if failed else ""))
+    return 8 if failed else 0

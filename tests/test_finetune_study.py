@@ -1,0 +1,285 @@
+"""The fine-tune protocol: intervals that cover, pairing by replicate, the search's choice, rank
+correlations per measure, failures kept, and one real member resumed setting by setting."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench import stats
+from workbench.batch import finetune_report as fr
+from workbench.batch.finetune_study import choose, collect
+from workbench.batch.members import run_member
+from workbench.batch.protocol import Protocol, PTQSetting, Replicate, member_id
+from workbench.errors import ConfigError
+from workbench.runinfo import write_csv, write_json
+
+
+def _protocol(**over) -> Protocol:
+    d = {"name": "t", "epochs": 1, "val_size": 200,
+         "families": {"fam": {"parents": ["zoo:vit-micro-mini-s0", "zoo:vit-micro-mini-s1", "zoo:vit-micro-mini-s2"],
+                              "seeds": [0]}},
+         "arms": {"plain": {"method": "plain"}, "dnq": {"method": "dnq", "w_bits": 4, "a_bits": 4,
+                                                        "noise_mult": "search"}},
+         "search": {"arm": "dnq", "values": [0.5, 1.0, 2.0], "replicates": 3, "bits": "W4A4", "observer": "mse",
+                    "fp_tolerance": 0.5},
+         "ptq": {"bits": ["W4A4"], "observers": ["mse"], "n_calib": 32}}
+    d.update(over)
+    return Protocol.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+@pytest.mark.parametrize("n, interval, lo, hi", [(6, "t", 0.92, 0.98), (30, "bootstrap", 0.89, 0.98),
+                                                  (6, "bootstrap", 0.75, 0.90)])
+def test_intervals_cover_a_known_effect_at_about_the_nominal_rate(n, interval, lo, hi):
+    # 400 synthetic studies of n paired differences around a true effect of +1.5 points with a
+    # spread of 2: the 95 % interval must contain 1.5 in about 95 % of them. The percentile
+    # bootstrap is narrow at small n (about 84 % coverage at n = 6, the last case), which is why
+    # reports lead with the t interval.
+    rng = np.random.default_rng(7)
+    hits = 0
+    for i in range(400):
+        xs = 1.5 + 2.0 * rng.standard_normal(n)
+        ci = stats.INTERVALS[interval](xs.tolist(), 0.95, **({"seed": i, "n_boot": 2000} if interval == "bootstrap"
+                                                             else {}))
+        hits += ci["ci_low"] <= 1.5 <= ci["ci_high"]
+    assert lo <= hits / 400 <= hi, hits / 400
+
+
+def test_bootstrap_interval_is_reproducible_and_checks_its_input():
+    xs = [0.3, -1.2, 2.5, 0.8, 1.1, -0.4]
+    a, b = stats.bootstrap_interval(xs, seed=3), stats.bootstrap_interval(xs, seed=3)
+    assert a == b
+    assert a["mean"] == pytest.approx(sum(xs) / len(xs)) and a["ci_low"] < a["mean"] < a["ci_high"]
+    with pytest.raises(ConfigError, match="n_boot"):
+        stats.bootstrap_interval(xs, n_boot=10)
+    with pytest.raises(ConfigError, match="unknown interval"):
+        stats.paired_summary([], interval="jackknife")
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def _ptq_rows(effects: dict[str, float], replicate_shift: dict[str, float], setting: str = "W4A4/mse",
+              draws: int = 3) -> list[dict]:
+    rows = []
+    for arm, eff in effects.items():
+        for rep, shift in replicate_shift.items():
+            for d in range(draws):
+                # draw d moves every arm of the replicate alike (the same calibration images)
+                rows.append({"family": "fam", "epochs": 1.0, "replicate": rep, "parent": rep[:-3], "seed": 0,
+                             "arm": arm, "setting": setting, "bits": setting.split("/")[0], "column": "mse",
+                             "draw": d, "accuracy": 70.0 + shift + eff + (d - 1) * 0.7, "loss": 1.0})
+    return rows
+
+
+def test_pairing_matches_arms_by_replicate_not_by_position():
+    shifts = {"p0-s0": 0.0, "p1-s0": 9.0, "p2-s0": -6.0, "p0-s1": 3.0, "p1-s1": -2.0}
+    rows = _ptq_rows({"plain": 0.0, "dnq": 1.25}, shifts)
+    rows = rows[:15] + list(reversed(rows[15:]))  # the dnq rows in another order than plain's
+    random.Random(0).shuffle(rows)
+    table = {r["arm"]: r for r in fr.paired_table(rows)}
+    d = table["dnq"]
+    assert d["n_pairs"] == 5 and d["draws"] == 3
+    assert d["diff_mean"] == pytest.approx(1.25) and d["diff_std"] == pytest.approx(0.0, abs=1e-12)
+    assert d["verdict"] == "better"
+    # unpaired, the replicate spread (std 5.7) would swamp the effect
+    assert table["plain"]["std"] > 5
+
+
+def test_a_replicate_missing_from_the_control_is_left_out_of_the_pairs():
+    rows = _ptq_rows({"plain": 0.0, "dnq": 2.0}, {"a": 0.0, "b": 5.0, "c": -3.0})
+    rows = [r for r in rows if not (r["arm"] == "plain" and r["replicate"] == "c")]
+    d = {r["arm"]: r for r in fr.paired_table(rows)}["dnq"]
+    assert d["n_pairs"] == 2 and d["diff_mean"] == pytest.approx(2.0)
+
+
+def test_calibration_spread_is_reported_apart_from_the_replicate_spread():
+    rows = _ptq_rows({"plain": 0.0}, {"a": 0.0, "b": 4.0, "c": -4.0})
+    (r,) = fr.calibration_spread(rows)
+    assert r["calibration_std"] == pytest.approx(0.7)  # draws at -0.7, 0, +0.7
+    assert r["replicate_std"] == pytest.approx(4.0)
+
+
+def test_not_applicable_rows_are_never_averaged_as_zero():
+    rows = _ptq_rows({"plain": 0.0, "dnq": 1.0}, {"a": 0.0, "b": 1.0}, draws=1)
+    rows.append({**rows[-1], "setting": "W4A4/repq", "column": "repq", "accuracy": math.nan, "note": "not a ViT"})
+    settings = {r["setting"] for r in fr.paired_table(rows)}
+    assert settings == {"W4A4/mse"}
+
+
+# ----------------------------------------------------------------------------- rank correlations
+
+
+def test_each_curvature_measure_gets_its_own_rank_correlation():
+    # five models, measured damage in increasing order; each measure orders them differently:
+    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - sum d^2 / 20
+    measured = [0.1, 0.2, 0.3, 0.4, 0.5]
+    measures = {"trace": [10, 20, 30, 40, 50],  # same order: 1
+                "top_eigenvalue": [5, 4, 3, 2, 1],  # reversed: -1
+                "sigma_trace": [2, 1, 3, 4, 5],  # one swap: sum d^2 = 2 -> 0.9
+                "predicted_increase": [1, 3, 2, 5, 4]}  # two swaps: sum d^2 = 4 -> 0.8
+    expected = {"trace": 1.0, "top_eigenvalue": -1.0, "sigma_trace": 0.9, "predicted_increase": 0.8}
+    curv, ptq = [], []
+    for i in range(5):
+        base = {"family": "fam", "epochs": 1.0, "replicate": f"r{i}", "arm": "plain"}
+        curv.append({**base, "w_bits": 4, **{m: float(v[i]) for m, v in measures.items()},
+                     "measured_increase": measured[i], "first_order": 0.0})
+        ptq += [{**base, "setting": "FP32", "bits": "FP32", "column": "fp", "accuracy": 80.0, "loss": 0.5},
+                # accuracy lost at W4A4 in the reverse order of the measured loss increase
+                {**base, "setting": "W4A4/mse", "bits": "W4A4", "column": "mse", "accuracy": 80.0 - (5 - i),
+                 "loss": 0.6}]
+    _, rho = fr.curvature_summary(curv, fr.draw_means(ptq))
+    got = {r["measure"]: r for r in rho if r["damage"] == "measured_increase"}
+    for m, value in expected.items():
+        assert got[m]["rho"] == pytest.approx(value), m
+        assert got[m]["n"] == 5
+    drop = {r["measure"]: r["rho"] for r in rho if r["damage"] != "measured_increase"}
+    assert drop["trace"] == pytest.approx(-1.0) and drop["top_eigenvalue"] == pytest.approx(1.0)
+
+
+def test_rank_correlation_is_refused_below_five_models_and_has_an_interval():
+    few = stats.spearman_interval([1, 2, 3, 4], [1, 2, 3, 4])
+    assert math.isnan(few["rho"]) and "below 5" in few["note"]
+    r = stats.spearman_interval([1, 2, 3, 4, 5, 6, 7], [2, 1, 4, 3, 6, 5, 7])
+    # Fisher z with the rank-correlation standard error sqrt(1.06 / (n - 3))
+    z, half = math.atanh(r["rho"]), 1.959964 * math.sqrt(1.06 / 4)
+    assert r["ci_low"] == pytest.approx(math.tanh(z - half), abs=1e-6)
+    assert r["ci_high"] == pytest.approx(math.tanh(z + half), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def _fake_member(out: Path, p: Protocol, rep: Replicate, fields: dict, val_fp: float, val_q: float) -> None:
+    folder = out / "members" / member_id(rep, fields, p.epochs[0])
+    write_json(folder / "member.json", {"val_accuracy": val_fp, "test_accuracy": 0.0, "test_loss": 0.0})
+    write_csv(folder / "ptq.csv", [{"setting": "W4A4/mse", "bits": "W4A4", "column": "mse", "draw": 0,
+                                    "split": "val", "accuracy": val_q, "loss": 0.0}])
+
+
+def test_search_chooses_by_its_stated_criterion_over_several_values(tmp_path: Path):
+    p = _protocol()
+    reps = p.search_replicates()
+    assert len(reps) == 3
+    # per value: (FP val accuracies, quantized val accuracies) over the 3 replicates
+    plain = ([85.0, 86.0, 87.0], [80.0, 81.0, 82.0])  # FP mean 86.0
+    cand = {0.5: ([85.5, 86.0, 86.5], [81.0, 81.0, 82.0]),  # FP 86.0, q 81.33: eligible
+            1.0: ([85.0, 85.8, 86.2], [82.0, 82.5, 82.0]),  # FP 85.67 (>= 85.5), q 82.17: eligible, best
+            2.0: ([84.0, 85.0, 86.0], [84.0, 84.0, 84.0])}  # FP 85.0 < 85.5: not eligible, though best quantized
+    for i, rep in enumerate(reps):
+        _fake_member(tmp_path, p, rep, p.arm_config("plain"), plain[0][i], plain[1][i])
+        for v, (fp, q) in cand.items():
+            _fake_member(tmp_path, p, rep, {**p.arms["dnq"], "noise_mult": v}, fp[i], q[i])
+    res = choose(p, tmp_path)
+    by = {c["value"]: c for c in res["candidates"]}
+    assert [by[v]["eligible"] for v in (0.5, 1.0, 2.0)] == [True, True, False]
+    assert res["chosen"] == {"noise_mult": 1.0}
+    assert by[1.0]["val_W4A4/mse"] == pytest.approx(82.1666667)
+    assert json.loads((tmp_path / "search.json").read_text())["chosen"] == {"noise_mult": 1.0}
+    # the main arm then trains with the chosen value, in the folder of that search candidate
+    assert p.arm_config("dnq", res["chosen"])["noise_mult"] == 1.0
+    assert member_id(reps[0], p.arm_config("dnq", res["chosen"]), 1.0) == \
+        member_id(reps[0], {**p.arms["dnq"], "noise_mult": 1.0}, 1.0)
+
+
+def test_search_with_a_missing_replicate_chooses_nothing_it_cannot_back(tmp_path: Path):
+    p = _protocol()
+    reps = p.search_replicates()
+    for rep in reps:
+        _fake_member(tmp_path, p, rep, p.arm_config("plain"), 86.0, 80.0)
+    for rep in reps[:2]:  # the third replicate of every candidate failed
+        for v in (0.5, 1.0, 2.0):
+            _fake_member(tmp_path, p, rep, {**p.arms["dnq"], "noise_mult": v}, 86.0, 85.0)
+    res = choose(p, tmp_path)
+    assert res["chosen"] is None and not any(c["eligible"] for c in res["candidates"])
+
+
+# ----------------------------------------------------------------------------- the protocol file
+
+
+def test_protocol_errors_say_what_is_wrong(tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown protocol key"):
+        _protocol(seedz=[1])
+    with pytest.raises(ConfigError, match="two values"):
+        _protocol(search={"arm": "dnq", "values": [1.0]})
+    with pytest.raises(ConfigError, match="control arm"):
+        _protocol(arms={"dnq": {"method": "dnq"}}, search=None)
+    with pytest.raises(ConfigError, match="no search"):
+        _protocol(search=None)
+    with pytest.raises(ConfigError, match="unknown field"):
+        _protocol(ptq={"strong": {"bc": {"bias_corection": True}}})
+    with pytest.raises(ConfigError, match="no protocol file"):
+        Protocol.from_file(tmp_path / "nope.yaml")
+    # the shipped protocols parse
+    shipped = sorted((Path(__file__).resolve().parents[1] / "docs" / "study" / "finetune").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"quick", "main", "full"}
+    for path in shipped:
+        Protocol.from_file(path)
+
+
+def test_settings_cover_draws_float_attention_and_strong_arms():
+    p = _protocol(ptq={"bits": ["W4A4", "W3A3"], "observers": ["minmax", "mse"], "calib_draws": 3,
+                       "draw_bits": ["W3A3"], "float_attention": ["W4A4"],
+                       "strong": {"bc": {"observer": "mse", "bias_correction": True}}, "strong_arms": ["dnq"],
+                       "strong_bits": ["W3A3"]})
+    plain = [s.key for s in p.settings("plain")]
+    assert plain == ["W4A4/minmax#0", "W4A4/mse#0", "W3A3/minmax#0", "W3A3/minmax#1", "W3A3/minmax#2",
+                     "W3A3/mse#0", "W3A3/mse#1", "W3A3/mse#2", "W4A4/mse/float-attn#0"]
+    assert [s.key for s in p.settings("dnq")] == plain + ["W3A3/bc#0"]
+
+
+# ----------------------------------------------------------------------------- members
+
+
+def test_a_failed_member_is_recorded_and_reported(tmp_path: Path):
+    rep = Replicate("fam", "zoo:no-such-model", 0)
+    res = run_member(tmp_path / "m", rep, {"method": "plain"}, 1.0)
+    assert res["status"] == "failed" and "no-such-model" in res["error"]
+    status = json.loads((tmp_path / "m" / "status.json").read_text())
+    assert status["status"] == "failed" and "Traceback" in status["traceback"]
+
+
+def test_collect_lists_failed_and_unrun_members(tmp_path: Path):
+    p = _protocol(search=None, arms={"plain": {"method": "plain"}, "dnq": {"method": "dnq"}})
+    write_json(tmp_path / "protocol.json", p.to_dict())
+    reps = p.replicates()
+    write_json(tmp_path / "members" / member_id(reps[0], p.arm_config("plain"), 1.0) / "status.json",
+               {"status": "failed", "error": "RuntimeError: out of memory"})
+    tables = collect(tmp_path)
+    status = {(m["replicate"], m["arm"]): m for m in tables["members"]}
+    assert status[(reps[0].name, "plain")]["status"] == "failed"
+    assert status[(reps[0].name, "plain")]["error"] == "RuntimeError: out of memory"
+    assert status[(reps[1].name, "dnq")]["status"] == "not run"
+    text = (tmp_path / "members.csv").read_text()
+    assert "out of memory" in text
+
+
+@pytest.mark.slow
+def test_a_member_fine_tunes_measures_and_resumes_setting_by_setting(tmp_path: Path, one_torch_thread):
+    rep = Replicate("fam", "zoo:vit-micro-mini-s0", 0)
+    s1 = PTQSetting("W4A4/minmax", "W4A4", "minmax", {"observer": "minmax"}, 0)
+    s2 = PTQSetting("W4A4/minmax", "W4A4", "minmax", {"observer": "minmax"}, 1)
+    kw = dict(val_size=200, n_calib=32, n_eval=200, epochs=0.02)
+    res = run_member(tmp_path, rep, {"method": "plain"}, settings=[s1], **kw)
+    assert res["status"] == "done", res
+    info = json.loads((tmp_path / "member.json").read_text())
+    assert info["steps"] >= 1 and 0 < info["test_accuracy"] <= 100 and "val_accuracy" in info
+    assert "workbench train --init zoo:vit-micro-mini-s0" in info["command"]
+    model_mtime = (tmp_path / "run" / "model.pt").stat().st_mtime_ns
+    first = fr.read_table(tmp_path / "ptq.csv")
+    assert [(r["setting"], r["draw"]) for r in first] == [("W4A4/minmax", 0)]
+    # a rerun with one more calibration draw: no retraining, the first row kept as it was, one row added
+    res = run_member(tmp_path, rep, {"method": "plain"}, settings=[s1, s2], **kw)
+    assert res["status"] == "done"
+    assert (tmp_path / "run" / "model.pt").stat().st_mtime_ns == model_mtime
+    rows = fr.read_table(tmp_path / "ptq.csv")
+    assert rows[0] == first[0] and [(r["setting"], r["draw"]) for r in rows] == [("W4A4/minmax", 0),
+                                                                                  ("W4A4/minmax", 1)]

@@ -1,0 +1,453 @@
+"""The fine-tune protocol's report: paired differences with intervals, figures, Markdown.
+
+Everything here reads the tidy tables that :func:`workbench.batch.finetune_study.collect`
+writes (``ptq.csv``, ``members.csv``, ``curvature.csv``, ``search.csv``), so the report, its
+CSVs and the "does it work?" notebook are generated from the same data.
+
+How the numbers are made:
+
+* A member's accuracy under a PTQ setting is the mean over its calibration draws. The spread
+  over draws is reported on its own (:func:`calibration_spread`), next to the spread over
+  replicates, so the two sources of variance are not mixed.
+* Each arm is compared with the control of the same replicate (parent and fine-tune seed): the
+  mean paired difference with its 95 % Student-t interval over the replicates, and the
+  percentile-bootstrap interval beside it. An interval that contains 0 is "not distinguishable".
+* Rank correlations of curvature with damage come with a Fisher-z interval and are refused
+  below 5 models (:func:`workbench.stats.spearman_interval`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import stats
+from ..errors import ConfigError
+from ..runinfo import atomic_write_text, git_commit, write_csv, write_json
+
+#: Markers of the generated block in a Markdown file (docs/results.md).
+BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
+NUMERIC = ("accuracy", "loss", "calib_time_s", "eval_time_s", "test_accuracy", "val_accuracy", "qat_own_accuracy",
+           "train_seconds", "member_seconds", "trace", "top_eigenvalue", "sigma_trace", "predicted_increase",
+           "predicted_stderr", "first_order", "measured_increase", "acc_drop", "trace_stderr", "epochs", "value",
+           "val_fp_accuracy", "control_val_fp_accuracy")
+
+
+def read_table(path: str | Path) -> list[dict[str, Any]]:
+    """A tidy CSV with its numbers as floats (empty cells: None)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k in NUMERIC or k.startswith("val_") or k.startswith("control_val_"):
+                r[k] = float(v) if v not in ("", None) else None
+            elif k in ("seed", "draw", "w_bits") and v not in ("", None):
+                r[k] = int(float(v))
+    return rows
+
+
+def load_tables(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
+    folder = Path(folder)
+    tables = {name: read_table(folder / f"{name}.csv") for name in ("members", "ptq", "curvature", "search")}
+    if not tables["members"]:
+        raise ConfigError(f"{folder} has no members.csv: run the protocol (workbench study finetune) first")
+    return tables
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def draw_means(ptq: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per member and setting: the accuracy and loss averaged over calibration draws."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in ptq:
+        if r.get("accuracy") is None or math.isnan(float(r["accuracy"])):
+            continue  # not applicable (recorded with a note), never a zero
+        groups[(r["family"], float(r["epochs"]), r["replicate"], r["arm"], r["setting"])].append(r)
+    out = []
+    for (fam, ep, rep, arm, setting), rs in groups.items():
+        first = rs[0]
+        out.append({"family": fam, "epochs": ep, "replicate": rep, "arm": arm, "setting": setting,
+                    "bits": first["bits"], "column": first["column"], "draws": len(rs),
+                    "accuracy": sum(float(r["accuracy"]) for r in rs) / len(rs),
+                    "loss": sum(float(r["loss"]) for r in rs) / len(rs)})
+    return out
+
+
+def paired_table(ptq: Sequence[Mapping[str, Any]], control: str = "plain", confidence: float = 0.95
+                 ) -> list[dict[str, Any]]:
+    """Per family, budget, setting and arm: mean accuracy over replicates and the paired
+    difference to ``control`` with its t interval (``diff_ci_*``) and bootstrap interval
+    (``boot_ci_*``)."""
+    rows = draw_means(ptq)
+    by = ("family", "epochs", "setting")
+    t = stats.paired_summary(rows, value="accuracy", arm="arm", pair="replicate", by=by, control=control,
+                             confidence=confidence, interval="t")
+    boot = {tuple(r[k] for k in (*by, "arm")): r for r in stats.paired_summary(
+        rows, value="accuracy", arm="arm", pair="replicate", by=by, control=control, confidence=confidence,
+        interval="bootstrap")}
+    meta = {(r["family"], r["epochs"], r["setting"]): (r["bits"], r["column"], r["draws"]) for r in rows}
+    out = []
+    for r in t:
+        b = boot[tuple(r[k] for k in (*by, "arm"))]
+        bits, column, draws = meta[(r["family"], r["epochs"], r["setting"])]
+        row = {**r, "bits": bits, "column": column, "draws": draws}
+        if "diff_mean" in r:
+            row.update(diff_half_width=(r["diff_ci_high"] - r["diff_ci_low"]) / 2 if r["n_pairs"] > 1 else math.nan,
+                       boot_ci_low=b["diff_ci_low"], boot_ci_high=b["diff_ci_high"])
+        out.append(row)
+    return out
+
+
+def calibration_spread(ptq: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per family, budget, setting and arm with several draws: the mean over members of the
+    standard deviation across calibration draws, beside the standard deviation across replicates
+    of the draw-averaged accuracy."""
+    draws: dict[tuple, list[float]] = defaultdict(list)
+    for r in ptq:
+        if r.get("accuracy") is not None and not math.isnan(float(r["accuracy"])):
+            draws[(r["family"], float(r["epochs"]), r["setting"], r["arm"], r["replicate"])].append(float(r["accuracy"]))
+    within: dict[tuple, list[float]] = defaultdict(list)
+    means: dict[tuple, list[float]] = defaultdict(list)
+    for (fam, ep, setting, arm, _rep), accs in draws.items():
+        if len(accs) < 2:
+            continue
+        within[(fam, ep, setting, arm)].append(stats.mean_interval(accs)["std"])
+        means[(fam, ep, setting, arm)].append(sum(accs) / len(accs))
+    out = []
+    for key, stds in within.items():
+        reps = means[key]
+        out.append({"family": key[0], "epochs": key[1], "setting": key[2], "arm": key[3], "members": len(stds),
+                    "calibration_std": sum(stds) / len(stds),
+                    "replicate_std": stats.mean_interval(reps)["std"] if len(reps) > 1 else math.nan})
+    return out
+
+
+def curvature_summary(curv: Sequence[Mapping[str, Any]], ptq_means: Sequence[Mapping[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per arm the mean curvature measures, and the Spearman correlation (with its interval) of
+    each measure with the measured damage over all members: the weight-only RTN loss increase
+    of the curvature report, and the accuracy lost at the same bits under PTQ (MSE)."""
+    from .finetune_study import CURVATURE_MEASURES
+
+    measures = list(CURVATURE_MEASURES)
+    per_arm = []
+    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in curv:
+        groups[(r["family"], r["epochs"], r["arm"], r["w_bits"])].append(r)
+    for (fam, ep, arm, b), rs in groups.items():
+        row = {"family": fam, "epochs": ep, "arm": arm, "w_bits": b, "members": len(rs)}
+        for m in (*measures, "measured_increase", "first_order"):
+            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            row[m] = sum(vals) / len(vals) if vals else math.nan
+        per_arm.append(row)
+    fp = {(r["family"], r["epochs"], r["replicate"], r["arm"]): r["accuracy"] for r in ptq_means
+          if r["setting"] == "FP32"}
+    q = {(r["family"], r["epochs"], r["replicate"], r["arm"], r["setting"]): r["accuracy"] for r in ptq_means}
+    rho = []
+    for (fam, ep, b) in sorted({(r["family"], r["epochs"], r["w_bits"]) for r in curv}):
+        rs = [r for r in curv if (r["family"], r["epochs"], r["w_bits"]) == (fam, ep, b)]
+        setting = f"W{b}A{b}/mse"
+        drops = [fp.get((fam, ep, r["replicate"], r["arm"]), math.nan)
+                 - q.get((fam, ep, r["replicate"], r["arm"], setting), math.nan) for r in rs]
+        for m in measures:
+            xs = [float(r[m]) for r in rs]
+            for target, ys in (("measured_increase", [float(r["measured_increase"]) for r in rs]),
+                               (f"{setting} accuracy drop", drops)):
+                s = stats.spearman_interval(xs, ys)
+                rho.append({"family": fam, "epochs": ep, "w_bits": b, "measure": m, "damage": target, **s})
+    return per_arm, rho
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def paired_figure(paired: Sequence[Mapping[str, Any]], family: str, epochs: float) -> Any:
+    """Paired difference to the control (points) with its 95 % t interval, per PTQ setting and arm."""
+    import plotly.graph_objects as go
+
+    from ..plots import method_color
+
+    rows = [r for r in paired if r["family"] == family and r["epochs"] == epochs and "diff_mean" in r]
+    settings = list(dict.fromkeys(r["setting"] for r in sorted(rows, key=_setting_order)))
+    fig = go.Figure()
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = {r["setting"]: r for r in rows if r["arm"] == arm}
+        ys = [rs[s]["diff_mean"] if s in rs else None for s in settings]
+        hi = [rs[s]["diff_ci_high"] - rs[s]["diff_mean"] if s in rs else None for s in settings]
+        lo = [rs[s]["diff_mean"] - rs[s]["diff_ci_low"] if s in rs else None for s in settings]
+        fig.add_trace(go.Scatter(x=settings, y=ys, mode="markers", name=f"{arm} - control",
+                                 marker={"size": 9, "color": method_color(arm)},
+                                 error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo}))
+    fig.add_hline(y=0, line_dash="dash", line_color="gray")
+    n = max((r["n_pairs"] for r in rows), default=0)
+    fig.update_layout(title=f"{family}, {epochs:g}-epoch fine-tunes: paired difference to the plain fine-tune "
+                            f"(mean, 95 % t interval over {n} replicates)",
+                      xaxis_title="PTQ setting", yaxis_title="accuracy difference (points)", template="plotly_white",
+                      scattermode="group")
+    return fig
+
+
+def accuracy_figure(paired: Sequence[Mapping[str, Any]], family: str, epochs: float, column: str = "mse") -> Any:
+    """Mean test accuracy (± std over replicates) against the bit setting, per arm."""
+    import plotly.graph_objects as go
+
+    from ..plots import method_color
+
+    rows = [r for r in paired if r["family"] == family and r["epochs"] == epochs
+            and (r["setting"] == "FP32" or r["column"] == column)]
+    xs = list(dict.fromkeys(r["bits"] for r in sorted(rows, key=_setting_order)))
+    fig = go.Figure()
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = {r["bits"]: r for r in rows if r["arm"] == arm}
+        fig.add_trace(go.Scatter(x=xs, y=[rs[x]["mean"] if x in rs else None for x in xs], mode="lines+markers",
+                                 name=arm, line={"color": method_color(arm)},
+                                 error_y={"type": "data", "array": [rs[x]["std"] if x in rs else None for x in xs]}))
+    fig.update_layout(title=f"{family}: test accuracy after PTQ ({column}, mean ± std over replicates)",
+                      xaxis_title="setting", yaxis_title="accuracy (%)", template="plotly_white")
+    return fig
+
+
+def prediction_figure(curv: Sequence[Mapping[str, Any]], family: str) -> Any:
+    """Predicted (½ Σ σ² H_ii) against measured weight-quantization loss increase, per member."""
+    import plotly.graph_objects as go
+
+    from ..plots import method_color
+
+    rows = [r for r in curv if r["family"] == family]
+    fig = go.Figure()
+    for (arm, b) in dict.fromkeys((r["arm"], r["w_bits"]) for r in rows):
+        rs = [r for r in rows if r["arm"] == arm and r["w_bits"] == b]
+        fig.add_trace(go.Scatter(x=[r["predicted_increase"] for r in rs], y=[r["measured_increase"] for r in rs],
+                                 mode="markers", name=f"{arm} W{b}",
+                                 marker={"color": method_color(arm), "symbol": "circle" if b == 4 else "diamond",
+                                         "size": 9},
+                                 error_x={"type": "data", "array": [r["predicted_stderr"] for r in rs]},
+                                 text=[r["replicate"] for r in rs]))
+    vals = [v for r in rows for v in (r["predicted_increase"], r["measured_increase"]) if v and v > 0]
+    if vals:
+        fig.add_trace(go.Scatter(x=[min(vals), max(vals)], y=[min(vals), max(vals)], mode="lines",
+                                 name="predicted = measured", line={"dash": "dash", "color": "gray"}))
+    fig.update_layout(title=f"{family}: predicted vs measured loss increase of round-to-nearest weights",
+                      xaxis_title="predicted ½ Σ σ² H_ii", yaxis_title="measured", xaxis_type="log",
+                      yaxis_type="log", template="plotly_white")
+    return fig
+
+
+def _setting_order(r: Mapping[str, Any]) -> tuple:
+    bits = r["bits"] if "bits" in r else r["setting"].split("/")[0]
+    if bits == "FP32":
+        return (0, 0, 0, r["setting"])
+    if bits == "own":
+        return (3, 0, 0, r["setting"])
+    from ..quant import parse_bits_pair
+
+    w, a = parse_bits_pair(bits)
+    return (1, -(w or 32), -(a or 32), r["setting"])
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _f(v: Any, digits: int = 2, sign: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def _diff_cell(r: Mapping[str, Any] | None) -> str:
+    if not r or "diff_mean" not in r:
+        return "-"
+    if r["n_pairs"] < 2:
+        return f"{_f(r['diff_mean'], sign=True)} (1 pair)"
+    mark = {"better": " ▲", "worse": " ▼"}.get(r["verdict"], "")
+    return f"{_f(r['diff_mean'], sign=True)} [{_f(r['diff_ci_low'], sign=True)}, {_f(r['diff_ci_high'], sign=True)}]{mark}"
+
+
+def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mapping[str, Any]],
+             calib: Sequence[Mapping[str, Any]], curv_arm: Sequence[Mapping[str, Any]],
+             rho: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any], *, source: str, links: str = "") -> str:
+    control = protocol.get("control", "plain")
+    members = tables["members"]
+    done = [m for m in members if m["status"] == "done"]
+    failed = [m for m in members if m["status"] == "failed"]
+    missing = [m for m in members if m["status"] not in ("done", "failed")]
+    git = git_commit()
+    lines = [f"_Generated by `workbench study finetune --report-only` from `{source}` (git commit "
+             f"`{str(git.get('commit') or '')[:10]}`){links}. Do not edit between the markers: regenerate._", ""]
+    fams = protocol.get("families", {})
+    lines.append(f"- protocol `{protocol.get('name')}`: " + "; ".join(
+        f"{fam}: parents {', '.join(f'`{p}`' for p in spec['parents'])} x fine-tune seeds {spec['seeds']}"
+        for fam, spec in fams.items()))
+    lines.append(f"- arms (fine-tunes of the same parent, seed and steps; `{control}` is the control): " + ", ".join(
+        f"`{a}` ({', '.join(f'{k}={v}' for k, v in spec.items())})" for a, spec in protocol.get("arms", {}).items()))
+    lines.append(f"- budgets: {protocol.get('epochs')} epoch(s); validation split: {protocol.get('val_size')} training "
+                 "images held out of every fine-tune (the zoo parents saw them; the test set is never used to choose)")
+    lines.append(f"- members: {len(done)} done, {len(failed)} failed, {len(missing)} not run"
+                 + (": " + ", ".join(f"{m['replicate']}/{m['arm']} ({m['error'] or m['status']})"
+                                     for m in failed + missing) if failed or missing else ""))
+    train_s = [float(m["member_seconds"]) for m in done if m.get("member_seconds")]
+    if train_s:
+        lines.append(f"- compute: {sum(train_s) / 60:.0f} member-minutes on 1 CPU thread each "
+                     f"({sum(train_s) / len(train_s):.0f} s per member: fine-tune, PTQ settings, curvature)")
+    lines.append("")
+    search = tables.get("search") or []
+    if search:
+        crit = (protocol.get("search") or {})
+        lines += ["### Noise multiplier search (validation split, stated before running)", "",
+                  f"Criterion: the highest mean validation accuracy at {crit.get('bits', 'W4A4')}/"
+                  f"{crit.get('observer', 'mse')} over {crit.get('replicates', 3)} replicates, among the values "
+                  f"whose mean FP validation accuracy is within {crit.get('fp_tolerance', 0.5)} points of "
+                  f"`{control}`'s.", ""]
+        qcol = next((k for k in search[0] if k.startswith("val_") and k != "val_fp_accuracy"), None)
+        ccol = f"control_{qcol}" if qcol else None
+        lines += ["| value | replicates | val FP acc | control val FP acc | val quantized acc | control val quantized acc "
+                  "| eligible | chosen |", "|---|---|---|---|---|---|---|---|"]
+        for c in search:
+            lines.append(f"| {_f(c['value'])} | {c['replicates']} | {_f(c['val_fp_accuracy'])} | "
+                         f"{_f(c['control_val_fp_accuracy'])} | {_f(c.get(qcol))} | {_f(c.get(ccol))} | "
+                         f"{c['eligible']} | {'**yes**' if str(c['chosen']) == 'True' else ''} |")
+        lines.append("")
+    for fam in fams:
+        for ep in protocol.get("epochs", [1.0]):
+            ep = float(ep)
+            rows = [r for r in paired if r["family"] == fam and r["epochs"] == ep]
+            if not rows:
+                continue
+            arms = list(dict.fromkeys(r["arm"] for r in rows))
+            settings = sorted({r["setting"]: r for r in rows}.values(), key=_setting_order)
+            lines += [f"### {fam}, {ep:g}-epoch fine-tunes: paired differences to `{control}`", "",
+                      "Accuracy difference in points, arm minus control of the same parent and seed; "
+                      "[95 % t interval] over the replicates; ▲/▼ where the interval excludes 0. Each value is the "
+                      "mean over the calibration draws (column `draws`). Intervals are not corrected for the "
+                      "many cells.", "",
+                      f"| setting | draws | `{control}` mean ± std | " + " | ".join(f"`{a}` - `{control}`" for a in arms
+                                                                                 if a != control) + " |",
+                      "|---|---|---|" + "---|" * (len(arms) - 1)]
+            cell = {(r["setting"], r["arm"]): r for r in rows}
+            for s in settings:
+                c = cell.get((s["setting"], control))
+                lines.append(f"| {s['setting']} | {s['draws']} | "
+                             f"{_f(c['mean']) + ' ± ' + _f(c['std']) if c else '-'} | "
+                             + " | ".join(_diff_cell(cell.get((s["setting"], a))) for a in arms if a != control)
+                             + " |")
+            n = max((r.get("n_pairs", 0) for r in rows), default=0)
+            widths = [r["diff_half_width"] for r in rows if r.get("diff_half_width") is not None
+                      and not math.isnan(r["diff_half_width"]) and r["bits"] in ("W4A4", "W3A3") and r["column"] == "mse"]
+            lines.append("")
+            if widths:
+                lines.append(f"Replicates per difference: {n}. Half-width of the intervals at W4A4 and W3A3 with "
+                             f"MSE: {min(widths):.2f} to {max(widths):.2f} points.")
+            better = [f"`{r['arm']}` at {r['setting']} ({_f(r['diff_mean'], sign=True)})" for r in rows
+                      if r.get("verdict") == "better"]
+            worse = [f"`{r['arm']}` at {r['setting']} ({_f(r['diff_mean'], sign=True)})" for r in rows
+                     if r.get("verdict") == "worse"]
+            lines.append("Distinguishable from the control: " + ("better: " + ", ".join(better) if better else
+                                                                 "no arm is better anywhere")
+                         + ("; worse: " + ", ".join(worse) if worse else "; none is worse") + ".")
+            lines.append("")
+    if calib:
+        lines += ["### Calibration draws against replicates", "",
+                  "Standard deviation of the accuracy (points) across calibration draws of the same member, "
+                  "averaged over members, beside the standard deviation across replicates of the draw-averaged "
+                  "accuracy.", "", "| family | setting | arm | calibration std | replicate std |", "|---|---|---|---|---|"]
+        for r in sorted(calib, key=lambda r: (r["family"], _setting_order(r), r["arm"])):
+            lines.append(f"| {r['family']} | {r['setting']} | {r['arm']} | {_f(r['calibration_std'])} | "
+                         f"{_f(r['replicate_std'])} |")
+        lines.append("")
+    if curv_arm:
+        lines += ["### Curvature of the fine-tuned models", "",
+                  "Mean over members of the Hessian trace (deflated Hutchinson), top eigenvalue (Lanczos), the "
+                  "σ-weighted trace Σ σᵢ² Hᵢᵢ, the second-order prediction ½ Σ σᵢ² Hᵢᵢ, the first-order term "
+                  "gᵀΔ it leaves out, and the measured loss increase of round-to-nearest weights.", "",
+                  "| family | arm | W bits | trace | top eigenvalue | σ-weighted trace | predicted | first-order "
+                  "| measured |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(curv_arm, key=lambda r: (r["family"], r["w_bits"], r["arm"])):
+            lines.append(f"| {r['family']} | {r['arm']} | {r['w_bits']} | {_f(r['trace'], 0)} | "
+                         f"{_f(r['top_eigenvalue'], 1)} | {_f(r['sigma_trace'], 4)} | {_f(r['predicted_increase'], 4)} "
+                         f"| {_f(r['first_order'], 4, sign=True)} | {_f(r['measured_increase'], 4)} |")
+        lines.append("")
+    if rho:
+        lines += ["### Does curvature rank the damage?", "",
+                  "Spearman's ρ over every fine-tuned model, with a 95 % Fisher-z interval; no ρ is printed "
+                  f"over fewer than {stats.MIN_RANK_POINTS} models.", "",
+                  "| family | W bits | measure | damage | models | ρ [95 % interval] |", "|---|---|---|---|---|---|"]
+        for r in rho:
+            cellv = (f"{_f(r['rho'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" if not math.isnan(r["rho"])
+                     else r["note"])
+            lines.append(f"| {r['family']} | {r['w_bits']} | {r['measure']} | {r['damage']} | {r['n']} | {cellv} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace_block(md_path: str | Path, block: str) -> Path:
+    """Put ``block`` between the finetune markers of ``md_path`` (appended with them when absent)."""
+    md_path = Path(md_path).expanduser()
+    text = md_path.read_text(encoding="utf-8") if md_path.is_file() else ""
+    new = f"{BEGIN}\n\n{block.rstrip()}\n\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + new + tail
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + new + "\n"
+    atomic_write_text(md_path, text)
+    return md_path
+
+
+def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str | Path | None = None,
+                 figures: Sequence[str] = ("html", "json")) -> dict[str, Path]:
+    """Statistics, figures and Markdown of a protocol folder (into ``dest``, default
+    ``FOLDER/report``); with ``md`` the generated block of that file is replaced too."""
+    import json
+
+    from ..plots import save_figure
+    from .finetune_study import collect
+
+    folder = Path(folder).expanduser().resolve()
+    collect(folder)
+    tables = load_tables(folder)
+    protocol = json.loads((folder / "protocol.json").read_text())
+    dest = Path(dest).expanduser().resolve() if dest else folder / "report"
+    dest.mkdir(parents=True, exist_ok=True)
+    paired = paired_table(tables["ptq"], control=protocol.get("control", "plain"))
+    calib = calibration_spread(tables["ptq"])
+    curv_arm, rho = curvature_summary(tables["curvature"], draw_means(tables["ptq"])) if tables["curvature"] else ([], [])
+    paths: dict[str, Path] = {}
+    for name, rows in (("paired", paired), ("calibration", calib), ("curvature_by_arm", curv_arm),
+                       ("spearman", rho), *((n, tables[n]) for n in ("members", "ptq", "curvature", "search"))):
+        if rows:
+            write_csv(dest / f"{name}.csv", rows)
+            paths[name] = dest / f"{name}.csv"
+    for fam in protocol.get("families", {}):
+        for ep in protocol.get("epochs", [1.0]):
+            if any(r["family"] == fam and r["epochs"] == float(ep) for r in paired):
+                for name, fig in ((f"paired_{fam}_e{float(ep):g}", paired_figure(paired, fam, float(ep))),
+                                  (f"accuracy_{fam}_e{float(ep):g}", accuracy_figure(paired, fam, float(ep)))):
+                    paths.update({f"{name}.{k}": v for k, v in save_figure(fig, dest / name, figures).items()})
+        if any(r["family"] == fam for r in tables["curvature"]):
+            name = f"prediction_{fam}"
+            paths.update({f"{name}.{k}": v for k, v in save_figure(prediction_figure(tables["curvature"], fam),
+                                                                   dest / name, figures).items()})
+    rel = _relative(dest, Path(md).expanduser().resolve().parent) if md else None
+    links = f"; tables and figures in [`{rel}`]({rel})" if rel else ""
+    text = markdown(tables, paired, calib, curv_arm, rho, protocol, source=folder.name, links=links)
+    atomic_write_text(dest / "report.md", text)
+    write_json(dest / "report.json", {"source": folder.name, "protocol": protocol, "git": git_commit()})
+    paths["report"] = dest / "report.md"
+    if md:
+        paths["md"] = replace_block(md, text)
+    return paths
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path, start)).as_posix()
