@@ -508,3 +508,21 @@ def test_cuda_device_matches_cpu_and_leaves_model_on_cpu():
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.cpu(), want, rtol=1e-8, atol=1e-10)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_ritz_values_converge_to_the_extreme_eigenvalues_first():
+    # a bulk plus three outliers: Lanczos finds the outliers in far fewer steps than the dimension
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(120, 120, generator=g, dtype=torch.float64)
+    M = B @ B.T / 120 + torch.diag(torch.cat([torch.tensor([30.0, 20.0, 12.0], dtype=torch.float64),
+                                              torch.zeros(117, dtype=torch.float64)]))
+    exact = torch.linalg.eigvalsh(M).flip(0)
+    few = fl.ritz_values(M, 3, generator=torch.Generator().manual_seed(0))
+    many = fl.ritz_values(M, 25, generator=torch.Generator().manual_seed(0))
+    assert len(few) == 3 and len(many) == 25
+    assert (many[:3] - exact[:3]).abs().max() < 1e-8 * exact[0]
+    assert (few[:3] - exact[:3]).abs().max() > 1e-3  # 3 steps are not enough: the test can tell
+    # every Ritz value lies inside the spectrum (Cauchy interlacing)
+    assert many.max() <= exact[0] + 1e-9 and many.min() >= exact[-1] - 1e-9
+    with pytest.raises(ConfigError, match="symmetric"):
+        fl.ritz_values(torch.randn(4, 5, dtype=torch.float64), 2)

@@ -747,6 +747,27 @@ def _tridiag(alphas: Sequence[float], betas: Sequence[float]) -> torch.Tensor:
     return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
 
 
+def ritz_values(matrix: torch.Tensor, steps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``steps`` Lanczos steps on an explicit symmetric matrix from a random start: the Ritz
+    values (the eigenvalues of the tridiagonal ``T``), largest first. The same Lanczos the
+    Hessian estimators run, on a matrix small enough to check against ``torch.linalg.eigvalsh``:
+    the extreme eigenvalues converge first, in far fewer steps than the dimension.
+
+    Raises:
+        ConfigError: ``matrix`` is not square and symmetric, or ``steps`` < 1.
+    """
+    from types import SimpleNamespace
+
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or not torch.allclose(matrix, matrix.T):
+        raise ConfigError(f"ritz_values needs a square symmetric matrix, got shape {tuple(matrix.shape)}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    n = matrix.shape[0]
+    target = SimpleNamespace(numel=n, device=matrix.device, dtype=matrix.dtype, hvp=lambda v: matrix @ v)
+    alphas, betas, _, _ = _lanczos(target, _randn(n, generator, matrix.device, matrix.dtype), steps)
+    return torch.linalg.eigvalsh(_tridiag(alphas, betas)).flip(0)
+
+
 def _ritz_top(alphas: Sequence[float], betas: Sequence[float], b_last: float, k: int):
     """Top-k Ritz values (largest first), their residual bounds ``|b_last * s_m,i|`` and vectors of T."""
     theta, S = torch.linalg.eigh(_tridiag(alphas, betas))
@@ -1350,7 +1371,8 @@ def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch],
             q = r["quant"][key]
             row = {"model": name, "w_bits": b}
             row.update({m: float(f(r, key)) for m, f in MEASURES.items()})
-            row.update(measured_increase=q["measured_rtn"], acc_drop=q["clean_acc"] - q["quant_acc"])
+            row.update(measured_increase=q["measured_rtn"], acc_drop=q["clean_acc"] - q["quant_acc"],
+                       first_order=q["first_order"])
             rows.append(row)
     rho: dict[str, dict[str, float]] = {}
     rho_acc: dict[str, dict[str, float]] = {}
