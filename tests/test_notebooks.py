@@ -19,7 +19,7 @@ from workbench import nbtools, runner
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 EXPECTED = ["00_quickstart", "01_error_model", "02_preconditioning", "03_ptq", "04_flatness", "05_explorer",
-            "06_study_member", "07_report"]
+            "06_study_member", "07_report", "08_does_it_work"]
 CHECK = "# NBVAL_CHECK_OUTPUT"
 #: Lines of logic allowed in one code cell: longer logic belongs in workbench.nbtools or a module.
 MAX_LOGIC_LINES = 8
@@ -106,10 +106,14 @@ def test_parameters_cell(path: Path, caplog: pytest.LogCaptureFixture) -> None:
     for key, value in nbtools.QUICK_PROFILE.items():
         if key in declared:
             assert ast.literal_eval(declared[key]) == value, f"{path.name}: {key} is not the quick-profile default"
-    # every parameter is recorded in run.json: the params dict names them all
-    params_cell = _code_cells(nb)[2].source
-    for key in declared:
-        assert f"{key}={key}" in params_cell, f"{path.name}: parameter {key} is not recorded"
+    # every parameter is recorded in run.json, read from the namespace rather than retyped: run the
+    # parameters and import cells as a kernel would (IPython's own names included) and compare
+    start_cell = _code_cells(nb)[2].source
+    assert "nbt.parameters(globals())" in start_cell, f"{path.name}: record the parameters with nbt.parameters(globals())"
+    namespace: dict = {"In": ["x"], "Out": {1: "y"}, "_ih": [], "get_ipython": print}
+    exec(src, namespace)
+    exec(_code_cells(nb)[1].source, namespace)
+    assert set(nbtools.parameters(namespace)) == set(declared), f"{path.name}: recorded parameters differ"
 
 
 def test_profiles_only_name_declared_parameters() -> None:

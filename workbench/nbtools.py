@@ -123,6 +123,21 @@ def record_run(out_dir: str | Path, params: dict[str, Any], notebook: str | None
     return meta
 
 
+#: Names IPython keeps in a notebook's namespace that are not the notebook's parameters.
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
+_PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
+
+
+def parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters, read from its namespace (``nbt.parameters(globals())`` right
+    after the parameters and import cells), so ``run.json`` records every parameter, also one
+    added later, without the notebook retyping them: every public name bound to a plain value
+    (None, bool, number, string, list, tuple, dict). Modules, functions and classes imported so
+    far, IPython's own names and ``_private`` names are left out."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _PARAMETER_TYPES)}
+
+
 def start(notebook: str, params: dict[str, Any]) -> Path:
     """Everything a notebook does first (introduced in 00_quickstart): prepare the output folder,
     record the run, seed every generator, set plotly's renderer. Returns the output folder."""
