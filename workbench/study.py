@@ -566,6 +566,12 @@ def spearman_table(got: Mapping[str, list[dict[str, Any]]], config: str = "W4A4"
     return out
 
 
+def effect_cells(e: Mapping[str, Any]) -> dict[str, Any]:
+    """A paired effect with its difference and interval as table text (no interval for one pair)."""
+    ci = "-" if e["n_pairs"] < 2 else f"[{e['diff_ci_low']:+.2f}, {e['diff_ci_high']:+.2f}]"
+    return {**e, "diff": f"{e['diff_mean']:+.2f}", "ci": ci}
+
+
 def paired_effects(got: Mapping[str, list[dict[str, Any]]], model: str, bits: Sequence[str] = ("W4A4", "W3A3"),
                    observer: str = "minmax") -> list[dict[str, Any]]:
     """Each method against ``plain`` of the same seed (replacing the project's old pass/fail
@@ -786,8 +792,7 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
         effects = paired_effects(main, model)
         if effects:
             lines += [f"### `{model}`: paired differences to `plain` (same seed; min-max, 95 % t interval)", "",
-                      _md_table([{**e, "diff": f"{e['diff_mean']:+.2f}", "ci": f"[{e['diff_ci_low']:+.2f}, "
-                                  f"{e['diff_ci_high']:+.2f}]"} for e in effects],
+                      _md_table([effect_cells(e) for e in effects],
                                 [("config", "setting"), ("arm", "method"), ("n_pairs", "seeds"), ("diff", "difference"),
                                  ("ci", "95 % interval"), ("verdict", "verdict")]), ""]
         lines += [f"Figures: {link(f'accuracy_vs_bits_{model}')}, {link(f'trace_vs_drop_{model}')}, "
