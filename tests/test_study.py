@@ -4,6 +4,7 @@ paired effects, and the Markdown report (on synthetic sweep folders), plus one t
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -181,10 +182,21 @@ def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
 def test_spearman_table_ranks_members(tmp_path: Path) -> None:
     members = _main_members()
     got = study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
-    rho = {r["damage"]: r for r in study.spearman_table(got)}
-    # the synthetic predicted and measured increases are both proportional to the trace
-    assert rho["measured_increase_w4"]["predicted_increase_w4"] == pytest.approx(1.0)
-    assert rho["measured_increase_w4"]["trace"] == pytest.approx(1.0)
+    # each measure orders the 12 members differently against the measured increase 1..12;
+    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) with n (n^2 - 1) = 1716
+    n = len(got["members"])
+    swapped_pairs = [i + 1 if i % 2 == 0 else i - 1 for i in range(n)]  # 2,1,4,3,...: sum d^2 = 12
+    for i, m in enumerate(got["members"]):
+        m.update(measured_increase_w4=float(i + 1), trace=10.0 * (i + 1), top_eigenvalue=float(n - i),
+                 sigma_trace_w4=float([1, 0, *range(2, n)][i]), predicted_increase_w4=float(swapped_pairs[i]))
+    rho = {r["damage"]: r for r in study.spearman_table(got)}["measured_increase_w4"]
+    assert rho["trace"] == pytest.approx(1.0)
+    assert rho["top_eigenvalue"] == pytest.approx(-1.0)
+    assert rho["sigma_trace_w4"] == pytest.approx(1 - 6 * 2 / 1716)
+    assert rho["predicted_increase_w4"] == pytest.approx(1 - 6 * 12 / 1716)
+    # below 5 members no rank correlation is printed
+    few = {**got, "members": got["members"][:4]}
+    assert all(math.isnan(r["trace"]) for r in study.spearman_table(few))
 
 
 def test_report_splices_into_markdown_and_keeps_the_rest(tmp_path: Path) -> None:

@@ -546,7 +546,7 @@ def summarize(got: Mapping[str, list[dict[str, Any]]], bits: Sequence[str] = DEF
 def spearman_table(got: Mapping[str, list[dict[str, Any]]], config: str = "W4A4") -> list[dict[str, Any]]:
     """Rank correlation (per model family, over members) of each curvature measure with the measured
     damage: the weight-only loss increase at W4/W3 and the accuracy drop at ``config`` (min-max)."""
-    from .flatness import spearman
+    from .stats import MIN_RANK_POINTS, spearman
 
     out = []
     drop = {r["job"]: r["drop"] for r in got["ptq"] if r["config"] == config and r.get("observer") == "minmax"
@@ -561,7 +561,9 @@ def spearman_table(got: Mapping[str, list[dict[str, Any]]], config: str = "W4A4"
             for measure in ("top_eigenvalue", "trace", "sigma_trace_w4", "predicted_increase_w4",
                             "predicted_increase_w3", "sharpness_ascent"):
                 xs = [math.nan if m.get(measure) is None else float(m[measure]) for m in ms]
-                row[measure] = spearman(xs, ys)
+                valid = sum(not (math.isnan(x) or math.isnan(y)) for x, y in zip(xs, ys))
+                # over fewer than 5 members a rank correlation is +-1 or nearly so by chance: none is printed
+                row[measure] = spearman(xs, ys) if valid >= MIN_RANK_POINTS else math.nan
             out.append(row)
     return out
 
