@@ -212,28 +212,43 @@ def sweep_checkpoints(paths: Sequence[str | Path], configs: Iterable[PTQConfig],
         CheckpointError: a path is missing or not a workbench checkpoint.
         ConfigError: a checkpoint records no dataset.
     """
-    from ..checkpoint import load_model
-    from ..data import DataInfo, batches, load, match_recorded_pipeline
-
     configs = list(configs)
     n_calib = max((c.n_calib for c in configs), default=256)
     rows: list[dict[str, Any]] = []
     cache: dict[tuple, Any] = {}
     for path in paths:
-        model, ckpt = load_model(path, device=device or "cpu")
-        info = DataInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else None
-        if info is None:
-            raise ConfigError(f"{path} records no dataset, so it cannot be calibrated and evaluated")
-        key = (info.name, int((ckpt.get("train_config") or {}).get("seed", 0)))
-        if key not in cache:
-            cache[key] = load(info.name, data_dir=data_dir, n_calib=max(n_calib, 512), seed=key[1])
-        data = match_recorded_pipeline(cache[key], ckpt["data_info"])  # the images as the model saw them
-        calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
-        evals = list(batches(data.test, data.info, batch_size, limit=n_eval, device=device or "cpu"))
-        method = (ckpt.get("method_config") or {}).get("method", "plain")
+        model, method, calib, evals = checkpoint_data(path, n_calib, batch_size=batch_size, device=device,
+                                                      data_dir=data_dir, n_eval=n_eval, cache=cache)
         rows += sweep([(str(path), model, method)], configs, calib, evals, device=device, progress=progress,
                       include_fp=include_fp, on_row=on_row)
     return rows
+
+
+def checkpoint_data(path: str | Path, n_calib: int, *, batch_size: int = 256, device: torch.device | str | None = None,
+                    data_dir: str | Path | None = None, n_eval: int | None = None,
+                    cache: dict[tuple, Any] | None = None) -> tuple[nn.Module, str, list[Any], list[Any]]:
+    """A checkpoint's model, method, calibration batches (``(x, y)``, the first ``n_calib``
+    images of its dataset's ``calib`` split) and test batches, its input pipeline applied.
+
+    Raises:
+        CheckpointError: a path is missing or not a workbench checkpoint.
+        ConfigError: the checkpoint records no dataset.
+    """
+    from ..checkpoint import load_model
+    from ..data import DataInfo, batches, load, match_recorded_pipeline
+
+    cache = {} if cache is None else cache
+    model, ckpt = load_model(path, device=device or "cpu")
+    info = DataInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else None
+    if info is None:
+        raise ConfigError(f"{path} records no dataset, so it cannot be calibrated and evaluated")
+    key = (info.name, int((ckpt.get("train_config") or {}).get("seed", 0)))
+    if key not in cache:
+        cache[key] = load(info.name, data_dir=data_dir, n_calib=max(n_calib, 512), seed=key[1])
+    data = match_recorded_pipeline(cache[key], ckpt["data_info"])  # the images as the model saw them
+    calib = list(batches(data.calib, data.info, batch_size, limit=n_calib, device=device or "cpu"))
+    evals = list(batches(data.test, data.info, batch_size, limit=n_eval, device=device or "cpu"))
+    return model, (ckpt.get("method_config") or {}).get("method", "plain"), calib, evals
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ConfigError
 from ..runinfo import resolve_device
 from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
 from .engine import PTQConfig
@@ -43,14 +44,69 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--repq", action="store_true",
                    help="calibrate post-LayerNorm inputs per channel and fold the scales into the LayerNorm "
                         "(RepQ-ViT, Li et al. 2023); ViTs only")
+    p.add_argument("--budget", default=None, metavar="B[,B...]",
+                   help="mixed precision: per-layer weight bits chosen from the curvature to minimize the "
+                        "predicted loss increase within this budget (see --budget-kind); activations at the "
+                        "--abits width (default 8)")
+    p.add_argument("--budget-kind", default="bits", choices=("bits", "bytes", "bops"),
+                   help="what --budget counts: average weight bits (default), weight bytes, or bit-operations")
+    p.add_argument("--candidates", default="8,6,4,3,2", help="weight widths a layer may take (--budget)")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     add_json(p)
 
 
+def run_budget_command(args: Any) -> int:
+    """``workbench ptq CKPT --budget B``: allocate weight bits per layer from the curvature on the
+    calibration images, then quantize and evaluate each allocation."""
+    import torch
+
+    from ..quant import check_bits
+    from .analysis import checkpoint_data, sweep
+    from .mixed import allocate_bits, layer_sensitivities
+
+    if args.bits or args.wbits:
+        raise ConfigError("--budget chooses the weight bits per layer: give --abits for the activations, "
+                          "not --bits or --wbits")
+    a_bits = check_bits(int(args.abits), "--abits") if args.abits else 8
+    budgets = [float(b) for b in str(args.budget).split(",") if b.strip()]
+    candidates = [int(b) for b in args.candidates.split(",") if b.strip()]
+    device = str(resolve_device(args.device))
+    rows, allocations = [], []
+    for path in args.checkpoints:
+        model, method, calib, evals = checkpoint_data(path, args.n_calib, batch_size=args.batch_size,
+                                                      device=device, n_eval=args.n_eval)
+        sens = layer_sensitivities(model, calib[:1], generator=torch.Generator().manual_seed(0))
+        configs = []
+        for b in budgets:
+            alloc = allocate_bits(model, budget=b, budget_kind=args.budget_kind, candidates=candidates,
+                                  a_bits=a_bits, sensitivities=sens)
+            allocations.append({"checkpoint": str(path), **alloc.to_dict()})
+            configs.append(alloc.config(observer=args.observer, n_calib=args.n_calib, quant_attn=not args.no_attn,
+                                        bias_correction=args.bias_correction, w_per_channel=not args.per_tensor))
+        got = sweep([(str(path), model, method)], configs, calib, evals, device=device,
+                    progress=not getattr(args, "json", False))
+        q = [r for r in got if r["config"] != "FP32"]
+        for r, alloc in zip(q, allocations[-len(budgets):]):
+            r.update(budget=alloc["budget"], budget_kind=alloc["budget_kind"], average_bits=alloc["average_bits"],
+                     predicted_increase=alloc["predicted"])
+        rows += got
+    if getattr(args, "json", False):
+        json.dump({"rows": rows, "allocations": allocations}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(rows, [*SWEEP_COLUMNS, "budget", "average_bits", "predicted_increase"]))
+        for a in allocations:
+            print(f"{a['checkpoint']} budget {a['budget']:g} {a['budget_kind']}: average {a['average_bits']:.2f} bits, "
+                  f"predicted loss increase {a['predicted']:.4f}; " + ", ".join(f"{k}={v}" for k, v in a["bits"].items()))
+    return 0
+
+
 def run_ptq_command(args: Any) -> int:
     """Run the sweep described by parsed ``args``; print a table (or JSON rows with --json)."""
+    if getattr(args, "budget", None):
+        return run_budget_command(args)
     bits = args.bits if (args.bits or args.wbits or args.abits) else "8,6,4,3"
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
                                 w_per_channel=not args.per_tensor, n_calib=args.n_calib,

@@ -75,8 +75,19 @@ class PTQConfig:
     repq: bool = False  # calibrate post-LayerNorm inputs per channel, fold the scales into LayerNorm (RepQ-ViT)
     sample_size: int = 2**18  # values kept per tensor by percentile/mse observers
     seed: int = 0  # seed of the observers' subsampling
+    # mixed precision: weight bits per Linear/Conv (module name -> bits, e.g. from ptq.allocate_bits);
+    # the layers it names override w_bits. Stored as sorted (name, bits) pairs so the config stays hashable.
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
+        try:
+            pairs = tuple(sorted((str(k), quant.check_bits(v, f"layer_bits[{k!r}]")) for k, v in pairs))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError):
+            raise ConfigError(f"layer_bits maps layer names to weight bits, got {self.layer_bits!r}") from None
+        object.__setattr__(self, "layer_bits", pairs)
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -107,7 +118,10 @@ class PTQConfig:
 
     @property
     def label(self) -> str:
-        """``'W4A8'`` style name; 32 stands for a tensor kind left in floating point."""
+        """``'W4A8'`` style name; 32 stands for a tensor kind left in floating point. Mixed
+        precision: ``'Wmix(4)A8'``, with the bits of the layers the map does not name."""
+        if self.layer_bits:
+            return f"Wmix({self.w_bits or 32})A{self.a_bits or 32}"
         return f"W{self.w_bits or 32}A{self.a_bits or 32}"
 
     @property
@@ -211,10 +225,15 @@ def _replace_layers(model: nn.Module, config: PTQConfig) -> int:
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
             targets.append(name)
             inside_wrapper.add(name)
+    per_layer = dict(config.layer_bits)
+    unknown = sorted(set(per_layer) - set(targets))
+    if unknown:
+        raise ConfigError(f"layer_bits names {unknown[:3]}, which are not Linear/Conv layers of this model "
+                          f"(those are e.g. {targets[:3]})")
     for i, name in enumerate(targets):
         layer = model.get_submodule(name)
         boundary = i in (0, len(targets) - 1)
-        w_bits = _bits_for(config.w_bits, boundary, config)
+        w_bits = _bits_for(per_layer.get(name, config.w_bits), boundary, config)
         a_bits = _bits_for(config.a_bits, boundary, config)
         w_obs = _observer(config, config.weight_observer) if w_bits is not None else None
         a_q = (ActQuantizer(a_bits, config.a_symmetric, _observer(config, config.observer))
