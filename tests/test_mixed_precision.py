@@ -157,3 +157,25 @@ def test_ptq_command_allocates_within_each_budget_and_evaluates(ptq_cli, one_tor
     assert allocs[0]["predicted"] >= allocs[1]["predicted"]  # more bits never predict more damage
     with pytest.raises(ConfigError, match="--abits"):
         ptq_cli("--budget", "3", "--bits", "W4A4")
+
+
+def test_budget_slider_moves_the_allocation_and_measures_on_demand():
+    from workbench import plots, widgets
+
+    model, (x, y) = _setup()
+    model = model.float()
+    x, y = x.float(), y.float()
+    sens = mixed.layer_sensitivities(model, (x, y), loss_fn=squared,
+                                     deflate=40, min_probes=2, max_probes=2)
+    app = widgets.BitBudget(model, sens, [x], [(x, y.argmax(1))], a_bits=8, budget=3.0, candidates=(8, 4, 3, 2))
+    low = list(app.figure.data[0].y)
+    assert app.allocation.average_bits <= 3.0 and "measured" not in app.status.value
+    app.budget.value = 6.0  # the slider alone re-solves and redraws, no browser needed
+    high = list(app.figure.data[0].y)
+    assert app.allocation.average_bits <= 6.0 and sum(high) > sum(low)
+    assert app.allocation.predicted <= mixed.allocate_bits(model, budget=3.0, candidates=(8, 4, 3, 2),
+                                                           sensitivities=sens).predicted
+    res = app.measure()
+    assert 0 <= res["accuracy"] <= 100 and "measured accuracy" in app.status.value
+    fig = plots.bits_per_layer({"curvature": app.allocation, "uniform": mixed.uniform_allocation(sens, 4)})
+    assert [len(t.y) for t in fig.data] == [4, 4] and list(fig.data[1].y) == [4, 4, 4, 4]

@@ -784,3 +784,22 @@ def save_figure(fig: go.Figure, path_stem: str | os.PathLike, formats: Sequence[
             if fmt not in out:
                 out.update(save_figure(fig, stem, (fmt,), include_plotlyjs=include_plotlyjs))
     return out
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def bits_per_layer(allocations: Any, *, title: str | None = "Weight bits per layer") -> go.Figure:
+    """Bars of the weight bits each layer gets, one bar group per allocation (a
+    :class:`workbench.ptq.Allocation`, its ``to_dict()``, or ``{name: allocation}``); the hover
+    text gives each layer's predicted loss increase."""
+    items = allocations if isinstance(allocations, Mapping) and "bits" not in allocations else {"allocation": allocations}
+    fig = go.Figure()
+    for name, a in items.items():
+        d = a.to_dict() if hasattr(a, "to_dict") else dict(a)
+        layers = d.get("layers") or [{"layer": k, "bits": v} for k, v in d["bits"].items()]
+        label = f"{name}: {d.get('average_bits', float('nan')):.2f} bits, predicted +{d.get('predicted', float('nan')):.4f}"
+        fig.add_trace(go.Bar(x=[r["layer"] for r in layers], y=[r["bits"] for r in layers], name=label,
+                             hovertext=[f"predicted +{r.get('predicted', float('nan')):.5f}" for r in layers]))
+    return _styled(fig, title, barmode="group", xaxis_title="layer", yaxis_title="weight bits",
+                   xaxis_tickangle=-45)

@@ -415,3 +415,65 @@ def _activation_error_hooks(qm: Any) -> tuple[dict[str, dict[str, float]], list[
 
             hooks.append(m.register_forward_hook(hook))
     return stats, hooks
+
+
+# ---------------------------------------------------------------------------------- mixed precision
+
+
+class BitBudget(_App):
+    """A budget slider for curvature-guided mixed precision: moving it re-solves the allocation
+    (:func:`workbench.ptq.allocate_bits`, instant: the curvature is estimated once) and redraws
+    the bits per layer and the predicted loss increase; *measure* quantizes and evaluates the
+    current allocation (cached per budget).
+
+    Args:
+        model: the model to quantize.
+        sensitivities: from :func:`workbench.ptq.layer_sensitivities` (the slow part, done once).
+        calib_batches, eval_batches: calibration images and ``(x, y)`` test batches.
+    """
+
+    def __init__(self, model: nn.Module, sensitivities: Sequence[Any], calib_batches: Iterable[Any],
+                 eval_batches: Iterable[Any], *, a_bits: int = 8, observer: str = "mse", budget: float = 4.0,
+                 candidates: Sequence[int] = (8, 6, 4, 3, 2), n_calib: int = 128) -> None:
+        from .ptq.mixed import allocate_bits
+
+        self._allocate = lambda b: allocate_bits(model, budget=b, candidates=candidates, a_bits=a_bits,
+                                                 sensitivities=sensitivities)
+        self.model, self.a_bits, self.observer, self.n_calib = model.eval(), a_bits, observer, n_calib
+        self.calib = [b[0] if isinstance(b, (tuple, list)) else b for b in calib_batches]
+        self.evals = [(x, y) for x, y in eval_batches]
+        self.measured: dict[float, dict[str, float]] = {}
+        lo, hi = min(candidates), max(candidates)
+        self.budget = W.FloatSlider(value=min(max(budget, lo), hi), min=lo, max=hi, step=0.25,
+                                    description="average weight bits", continuous_update=False,
+                                    style={"description_width": "initial"})
+        self.button = W.Button(description="measure accuracy")
+        self.status = W.HTML()
+        self.figure = go.FigureWidget(plots.bits_per_layer({}, title="Weight bits per layer"))
+        self.figure.add_trace(go.Bar(name="bits"))
+        self.budget.observe(lambda _change: self.redraw(), names="value")
+        self.button.on_click(lambda _b: self.measure())
+        self.widget = W.VBox([W.HBox([self.budget, self.button]), self.status, self.figure])
+        self.redraw()
+
+    def redraw(self) -> None:
+        self.allocation = self._allocate(self.budget.value)
+        a = self.allocation
+        with self.figure.batch_update():
+            self.figure.data[0].x = list(a.bits)
+            self.figure.data[0].y = list(a.bits.values())
+            self.figure.data[0].hovertext = [f"predicted +{r['predicted']:.5f}" for r in a.layers]
+        measured = self.measured.get(self.budget.value)
+        self.status.value = (f"budget {self.budget.value:g}: average {a.average_bits:.2f} weight bits, predicted loss "
+                             f"increase {a.predicted:.4f} ± {a.predicted_stderr:.4f}"
+                             + (f"; measured accuracy {measured['accuracy']:.2f} %" if measured else ""))
+
+    def measure(self) -> dict[str, float]:
+        """Quantize with the current allocation (activations at ``a_bits``) and evaluate."""
+        b = self.budget.value
+        if b not in self.measured:
+            qm = quantize_model(self.model, self.allocation.config(observer=self.observer, n_calib=self.n_calib),
+                                self.calib)
+            self.measured[b] = evaluate(qm, self.evals)
+        self.redraw()
+        return self.measured[b]
