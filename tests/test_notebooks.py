@@ -19,7 +19,7 @@ from workbench import nbtools, runner
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 EXPECTED = ["00_quickstart", "01_error_model", "02_preconditioning", "03_ptq", "04_flatness", "05_explorer",
-            "06_study_member", "07_report", "08_does_it_work", "09_what_goes_wrong"]
+            "06_study_member", "07_report", "08_does_it_work", "09_what_goes_wrong", "10_your_model"]
 CHECK = "# NBVAL_CHECK_OUTPUT"
 #: Lines of logic allowed in one code cell: longer logic belongs in workbench.nbtools or a module.
 MAX_LOGIC_LINES = 8

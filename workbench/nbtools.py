@@ -315,12 +315,14 @@ def _parent_id(record: dict[str, Any] | None) -> str | None:
     return (record.get("sha256") or record.get("source")) if record else None
 
 
-def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu") -> dict[str, Trained]:
+def load_parent(init: str | Path, bundle: wdata.DataBundle, device: str = "cpu",
+                pretrained: bool = True) -> dict[str, Trained]:
     """``{"parent": Trained}``: a trained starting point as it is, without training: the
-    reference row of a fine-tune comparison, or the quantize-only path."""
+    reference row of a fine-tune comparison, or the quantize-only path. ``pretrained=False``:
+    a ``timm:NAME`` architecture with random weights (an offline dry run)."""
     from .zoo import load_init
 
-    parent, ckpt, record = load_init(init, resolve_device(device), info=bundle.info)
+    parent, ckpt, record = load_init(init, resolve_device(device), info=bundle.info, pretrained=pretrained)
     _check_parent_fits(parent.workbench_spec, bundle, init, record["data"])
     return {"parent": Trained("parent", parent.eval(), dict(ckpt.get("metrics", {})),
                               list(ckpt.get("extra", {}).get("history", [])), dict(ckpt.get("method_config", {})),

@@ -174,10 +174,13 @@ def init_data_info(source: str | Path) -> dict[str, Any] | None:
     return load_checkpoint(init_file(source)).get("data_info")
 
 
-def load_init(source: str | Path, device: str | Any = "cpu", info: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def load_init(source: str | Path, device: str | Any = "cpu", info: Any = None,
+              pretrained: bool = True) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The starting point of a fine-tune: ``zoo:NAME``, a checkpoint path, or ``timm:NAME``
     (timm's pretrained weights, with a new head for ``info``'s classes: give ``info``, a
     :class:`workbench.data.DataInfo` already carrying the model's input pipeline).
+    ``pretrained=False`` gives a ``timm:NAME`` architecture its random initialization instead: a
+    dry run that needs no internet (the numbers then say nothing about the trained model).
 
     Returns:
         ``(model, checkpoint, record)``; ``record`` (source, file, sha256, the parent's model,
@@ -192,10 +195,10 @@ def load_init(source: str | Path, device: str | Any = "cpu", info: Any = None) -
 
         if info is None:
             raise ConfigError(f"init={text!r} needs the dataset (info) to size the new classifier head")
-        model = create(text, info, pretrained=True).to(device)
+        model = create(text, info, pretrained=bool(pretrained)).to(device)
         ckpt = {"model_spec": model.workbench_spec, "data_info": info.to_dict(), "metrics": {}}
         record = {"source": text, "file": None, "sha256": None, "model": text, "data": info.name,
-                  "method": "pretrained", "metrics": {}}
+                  "method": "pretrained" if pretrained else "random init (dry run)", "metrics": {}}
         return model, ckpt, record
     file = init_file(text)
     model, ckpt = load_model(file, device)
