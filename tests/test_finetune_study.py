@@ -283,3 +283,16 @@ def test_a_member_fine_tunes_measures_and_resumes_setting_by_setting(tmp_path: P
     rows = fr.read_table(tmp_path / "ptq.csv")
     assert rows[0] == first[0] and [(r["setting"], r["draw"]) for r in rows] == [("W4A4/minmax", 0),
                                                                                   ("W4A4/minmax", 1)]
+
+
+def test_the_committed_report_is_what_its_tables_say():
+    """docs/results.md's fine-tune block, the committed tables and notebook 08 come from one source:
+    the block is exactly what the report code computes again from the committed CSVs."""
+    root = Path(__file__).resolve().parents[1]
+    report = fr.load_report(fr.committed_results())
+    text = (root / "docs" / "results.md").read_text(encoding="utf-8")
+    block = text.split(fr.BEGIN, 1)[1].split(fr.END, 1)[0].strip()
+    assert block == report["markdown"].strip()
+    # and the headline rows behind it pair 6 replicates per arm at W4A4 and W3A3
+    rows = fr.headline_rows(report, columns=["mse"])
+    assert rows and all(r["pairs"] == 6 for r in rows)

@@ -1,7 +1,7 @@
 """Where the files that ship with the workbench live: a repository checkout, or an installed wheel.
 
 In a checkout (and an editable install of it) they are the repository's top-level ``data/`` (the
-embedded dataset and the model zoo) and ``notebooks/``. A wheel (``pip install`` of a built
+embedded dataset and the model zoo), ``notebooks/`` and the study's tables in ``docs/results/``. A wheel (``pip install`` of a built
 package, or ``pip install git+URL`` on a hosted notebook service) has no repository: the same
 files travel inside the package as ``workbench/_data`` and ``workbench/_notebooks`` (mapped in
 pyproject.toml), and a user copies the notebooks out with ``workbench notebooks DIR``.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-#: The bundled folders: name in the repository -> name inside the installed package.
-BUNDLED = {"data": "_data", "notebooks": "_notebooks"}
+#: The bundled folders: name -> (folder in the repository, folder inside the installed package).
+BUNDLED = {"data": ("data", "_data"), "notebooks": ("notebooks", "_notebooks"), "results": ("docs/results", "_results")}
 
 
 def repo_root() -> Path | None:
@@ -23,11 +23,13 @@ def repo_root() -> Path | None:
 
 
 def bundled_dir(kind: str) -> Path:
-    """``data`` or ``notebooks``: the checkout's folder, else the copy inside the installed package."""
+    """``data``, ``notebooks`` or ``results``: the checkout's folder, else the copy inside the
+    installed package."""
     if kind not in BUNDLED:
         raise ValueError(f"kind must be one of {sorted(BUNDLED)}, got {kind!r}")
     root = repo_root()
-    return root / kind if root is not None else PACKAGE_DIR / BUNDLED[kind]
+    in_repo, in_package = BUNDLED[kind]
+    return root / in_repo if root is not None else PACKAGE_DIR / in_package
 
 
 def copy_notebooks(dest: str | Path, *, overwrite: bool = False) -> list[Path]:

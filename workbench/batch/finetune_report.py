@@ -32,7 +32,7 @@ from ..runinfo import atomic_write_text, git_commit, write_csv, write_json
 #: Markers of the generated block in a Markdown file (docs/results.md).
 BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
 NUMERIC = ("accuracy", "loss", "calib_time_s", "eval_time_s", "test_accuracy", "val_accuracy", "qat_own_accuracy",
-           "train_seconds", "member_seconds", "trace", "top_eigenvalue", "sigma_trace", "predicted_increase",
+           "train_seconds", "last_call_seconds", "work_seconds", "trace", "top_eigenvalue", "sigma_trace", "predicted_increase",
            "predicted_stderr", "first_order", "measured_increase", "acc_drop", "trace_stderr", "epochs", "value",
            "val_fp_accuracy", "control_val_fp_accuracy")
 
@@ -298,10 +298,11 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
     lines.append(f"- members: {len(done)} done, {len(failed)} failed, {len(missing)} not run"
                  + (": " + ", ".join(f"{m['replicate']}/{m['arm']} ({m['error'] or m['status']})"
                                      for m in failed + missing) if failed or missing else ""))
-    train_s = [float(m["member_seconds"]) for m in done if m.get("member_seconds")]
-    if train_s:
-        lines.append(f"- compute: {sum(train_s) / 60:.0f} member-minutes on 1 CPU thread each "
-                     f"({sum(train_s) / len(train_s):.0f} s per member: fine-tune, PTQ settings, curvature)")
+    work = [float(m["work_seconds"]) for m in done if m.get("work_seconds")]
+    if work:
+        lines.append(f"- compute: {sum(work) / 60:.0f} minutes of fine-tuning, PTQ and curvature over the "
+                     f"{len(work)} members ({sum(work) / len(work):.0f} s each on one CPU thread; the noise search's "
+                     "extra fine-tunes and the members' loading not counted)")
     lines.append("")
     search = tables.get("search") or []
     if search:
@@ -381,7 +382,7 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                   "gᵀΔ it leaves out, and the measured loss increase of round-to-nearest weights.", "",
                   "| family | arm | W bits | trace | top eigenvalue | σ-weighted trace | predicted | first-order "
                   "| measured |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(curv_arm, key=lambda r: (r["family"], r["w_bits"], r["arm"])):
+        for r in sorted(curv_arm, key=lambda r: (r["family"], -r["w_bits"], r["arm"])):
             lines.append(f"| {r['family']} | {r['arm']} | {r['w_bits']} | {_f(r['trace'], 0)} | "
                          f"{_f(r['top_eigenvalue'], 1)} | {_f(r['sigma_trace'], 4)} | {_f(r['predicted_increase'], 4)} "
                          f"| {_f(r['first_order'], 4, sign=True)} | {_f(r['measured_increase'], 4)} |")
@@ -421,13 +422,45 @@ def analyze(tables: Mapping[str, list[dict[str, Any]]], protocol: Mapping[str, A
     curv_arm, rho = (curvature_summary(tables["curvature"], draw_means(tables["ptq"])) if tables.get("curvature")
                      else ([], []))
     return {"paired": paired, "calibration": calibration_spread(tables["ptq"]), "curvature_by_arm": curv_arm,
-            "spearman": rho}
+            "spearman": rho, "head_to_head": head_to_head(tables["ptq"], protocol)}
+
+
+def head_to_head(ptq: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The searched arm (``dnq``) paired against each other non-control arm (QAT, SAM, ...) of the
+    same replicate: does it beat them at equal steps?"""
+    arm = (protocol.get("search") or {}).get("arm")
+    control = protocol.get("control", "plain")
+    if not arm:
+        return []
+    out = []
+    for other in protocol.get("arms", {}):
+        if other in (arm, control):
+            continue
+        rows = [r for r in ptq if r["arm"] in (arm, other)]
+        for r in paired_table(rows, control=other):
+            if r["arm"] == arm and "diff_mean" in r:
+                out.append({**r, "versus": other})
+    return out
 
 
 def render(tables: Mapping[str, list[dict[str, Any]]], analysis: Mapping[str, list[dict[str, Any]]],
            protocol: Mapping[str, Any], *, source: str, commit: str = "", links: str = "") -> str:
-    return markdown(tables, analysis["paired"], analysis["calibration"], analysis["curvature_by_arm"],
+    text = markdown(tables, analysis["paired"], analysis["calibration"], analysis["curvature_by_arm"],
                     analysis["spearman"], protocol, source=source, commit=commit, links=links)
+    h2h = analysis.get("head_to_head") or []
+    if not h2h:
+        return text
+    arm = h2h[0]["arm"]
+    others = list(dict.fromkeys(r["versus"] for r in h2h))
+    lines = ["", f"### `{arm}` against the other arms at equal steps", "",
+             f"`{arm}` minus each arm of the same parent and seed, [95 % t interval]; ▲/▼ where it excludes 0.", "",
+             "| setting | " + " | ".join(f"`{arm}` - `{o}`" for o in others) + " |", "|---|" + "---|" * len(others)]
+    cell = {(r["family"], r["epochs"], r["setting"], r["versus"]): r for r in h2h}
+    for key in sorted({(r["family"], r["epochs"], r["setting"]): r for r in h2h if r["bits"] != "own"}.values(),
+                      key=lambda r: (r["family"], r["epochs"], _setting_order(r))):
+        lines.append(f"| {key['setting']} | " + " | ".join(
+            _diff_cell(cell.get((key["family"], key["epochs"], key["setting"], o))) for o in others) + " |")
+    return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
 
 
 def load_report(dest: str | Path) -> dict[str, Any]:
@@ -451,7 +484,9 @@ def load_report(dest: str | Path) -> dict[str, Any]:
 def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str | Path | None = None,
                  figures: Sequence[str] = ("html", "json")) -> dict[str, Path]:
     """Statistics, figures and Markdown of a protocol folder (into ``dest``, default
-    ``FOLDER/report``); with ``md`` the generated block of that file is replaced too."""
+    ``FOLDER/report``); with ``md`` the generated block of that file is replaced too. Figures are
+    saved as plotly JSON (``plotly.io.read_json``; notebook 08 draws them from the tables) and as
+    HTML that loads plotly.js from its CDN, which keeps a committed report small."""
     import json
 
     from ..plots import save_figure
@@ -475,11 +510,13 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
             if any(r["family"] == fam and r["epochs"] == float(ep) for r in paired):
                 for name, fig in ((f"paired_{fam}_e{float(ep):g}", paired_figure(paired, fam, float(ep))),
                                   (f"accuracy_{fam}_e{float(ep):g}", accuracy_figure(paired, fam, float(ep)))):
-                    paths.update({f"{name}.{k}": v for k, v in save_figure(fig, dest / name, figures).items()})
+                    paths.update({f"{name}.{k}": v for k, v in save_figure(fig, dest / name, figures,
+                                                                           include_plotlyjs="cdn").items()})
         if any(r["family"] == fam for r in tables["curvature"]):
             name = f"prediction_{fam}"
             paths.update({f"{name}.{k}": v for k, v in save_figure(prediction_figure(tables["curvature"], fam),
-                                                                   dest / name, figures).items()})
+                                                                   dest / name, figures,
+                                                                   include_plotlyjs="cdn").items()})
     rel = _relative(dest, Path(md).expanduser().resolve().parent) if md else None
     links = f"; tables and figures in [`{rel}`]({rel})" if rel else ""
     commit = str(git_commit().get("commit") or "")[:10]

@@ -240,7 +240,14 @@ def collect(out: str | Path, protocol: Protocol | None = None) -> dict[str, list
                 folder = out / "members" / member_id(rep, protocol.arm_config(arm, chosen), epochs)
                 status = _read_json(folder / "status.json") or {"status": "not run"}
                 info = _read_json(folder / "member.json") or {}
-                members.append(_member_row(rep, arm, epochs, info, status, folder.relative_to(out)))
+                rep_curv = _read_json(folder / "curvature.json")
+                ptq_rows = read_rows(folder / "ptq.csv")
+                row = _member_row(rep, arm, epochs, info, status, folder.relative_to(out))
+                # the member's measured work, summed from its parts: a rerun that finds it done does not reset it
+                row["work_seconds"] = (float(info.get("train_seconds") or 0.0) + (rep_curv or {}).get("seconds", 0.0)
+                                       + sum(float(r.get("calib_time_s") or 0) + float(r.get("eval_time_s") or 0)
+                                             for r in ptq_rows)) if info else None
+                members.append(row)
                 base = {"family": rep.family, "replicate": rep.name, "parent": rep.parent, "seed": rep.seed,
                         "arm": arm, "epochs": epochs}
                 if info.get("test_accuracy") is not None:
@@ -249,8 +256,7 @@ def collect(out: str | Path, protocol: Protocol | None = None) -> dict[str, list
                 if info.get("qat_own_accuracy") is not None:
                     ptq.append({**base, "setting": "own/qat", "bits": "own", "column": "qat-own", "draw": 0,
                                 "split": "test", "accuracy": info["qat_own_accuracy"], "loss": info["qat_own_loss"]})
-                ptq += [{**base, **r} for r in read_rows(folder / "ptq.csv") if r["split"] == "test"]
-                rep_curv = _read_json(folder / "curvature.json")
+                ptq += [{**base, **r} for r in ptq_rows if r["split"] == "test"]
                 if rep_curv:
                     curvature += curvature_rows(base, rep_curv, info)
     search_rows = [{k: v for k, v in c.items()} for c in search.get("candidates", [])]
@@ -267,7 +273,7 @@ def _member_row(rep: Replicate, arm: str, epochs: float, info: Mapping[str, Any]
             "epochs": epochs, "status": status.get("status"), "error": status.get("error", ""),
             "test_accuracy": info.get("test_accuracy"), "val_accuracy": info.get("val_accuracy"),
             "qat_own_accuracy": info.get("qat_own_accuracy"), "train_seconds": info.get("train_seconds"),
-            "member_seconds": status.get("seconds"), "folder": str(folder) if folder else "",
+            "last_call_seconds": status.get("seconds"), "folder": str(folder) if folder else "",
             "command": info.get("command", "")}
 
 
