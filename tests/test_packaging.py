@@ -53,16 +53,20 @@ def test_lint_clean():
 
 
 def test_every_package_is_listed_for_the_wheel():
-    """pyproject lists the packages explicitly (data/ and notebooks/ are mapped in): a new
-    sub-package must be added there, or the wheel would ship without it."""
+    """pyproject lists the packages explicitly (data/, notebooks/ and docs/results/ are mapped in):
+    a new sub-package must be added there, or the wheel would ship without it."""
     try:
         import tomllib
     except ModuleNotFoundError:
         tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml on Python 3.10 needs tomli")
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    from workbench.bundled import BUNDLED
+
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "workbench").rglob("__init__.py")}
-    assert found | {"workbench._data", "workbench._notebooks"} == set(tool["packages"])
-    assert tool["package-dir"] == {"workbench._data": "data", "workbench._notebooks": "notebooks"}
+    # the repository folders that travel inside the package: workbench.bundled finds them there
+    mapped = {f"workbench.{inside}": repo for repo, inside in BUNDLED.values()}
+    assert found | set(mapped) == set(tool["packages"])
+    assert tool["package-dir"] == mapped
 
 
 def test_notebooks_command_copies_and_never_overwrites_silently(tmp_path, capsys):
