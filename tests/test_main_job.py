@@ -44,10 +44,10 @@ def test_workbench_run_from_the_repository_root_with_a_relative_out() -> None:
         assert (out / "report.csv").is_file()
         # the later notebooks reused 00_quickstart's checkpoints instead of training again
         ckpts = out / "results" / "00_quickstart" / "seed0" / "checkpoints"  # 00 runs seeds 0 and 1
-        for nb in ("01_error_model", "02_preconditioning", "03_ptq", "04_flatness", "05_explorer"):
+        for nb in ("01_error_model", "02_ptq", "03_flatness", "04_preconditioning", "05_explorer"):
             params = json.loads((out / "results" / nb / "run.json").read_text())["params"]
             assert params["ckpt_dir"] == str(ckpts), nb
-            for method in ("plain", "dnq"):  # 00's methods; 02 trains only the ones 00 did not
+            for method in ("plain", "dnq"):  # 00's methods; 04 trains only the ones 00 did not
                 assert not (out / "results" / nb / "checkpoints" / method).exists(), (nb, method)
         assert not (ROOT / "notebooks" / rel).exists()
     finally:

@@ -18,7 +18,7 @@ from workbench import nbtools, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
-EXPECTED = ["00_quickstart", "01_error_model", "02_preconditioning", "03_ptq", "04_flatness", "05_explorer",
+EXPECTED = ["00_quickstart", "01_error_model", "02_ptq", "03_flatness", "04_preconditioning", "05_explorer",
             "06_study_member", "07_report", "08_does_it_work", "09_what_goes_wrong", "10_your_model"]
 CHECK = "# NBVAL_CHECK_OUTPUT"
 #: Lines of logic allowed in one code cell: longer logic belongs in workbench.nbtools or a module.
@@ -128,3 +128,18 @@ def test_pytest_collects_notebooks_with_nbval() -> None:
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "notebooks" in cfg["testpaths"]
     assert "--nbval-lax" in cfg["addopts"] and "--nbval-current-env" in cfg["addopts"]
+
+
+COURSE = sorted((NB_DIR / "course").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + COURSE, ids=lambda p: p.stem)
+def test_questions_and_a_self_check(path: Path) -> None:
+    """Each notebook asks 2 or 3 questions whose answers unfold, and checks itself at least once
+    with an assert that explains what went wrong (a message, not a bare assert)."""
+    nb = _read(path)
+    questions = sum(c.source.count("<details><summary>") for c in nb.cells if c.cell_type == "markdown")
+    assert 2 <= questions <= 3, f"{path.name}: {questions} questions"
+    explained = [n for c in _code_cells(nb) for n in ast.walk(ast.parse(c.source))
+                 if isinstance(n, ast.Assert) and n.msg is not None]
+    assert explained, f"{path.name}: no self-check (an assert with a message saying what went wrong)"

@@ -256,7 +256,7 @@ def test_cli_hooks_parse(tmp_path: Path) -> None:
     ("00_quickstart", {"init": None, "data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
                        "limit_train": 600, "limit_test": 200, "n_calib": 64, "noise_bits": "W3A6",
                        "seeds": [0]}),
-    ("03_ptq", {"init": None, "data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
+    ("02_ptq", {"init": None, "data": "digits", "model": "cnn-small", "model_args": {"width": 8}, "epochs": 1,
                 "limit_train": 600, "limit_test": 200, "n_calib": 64, "bits": [8, 4]}),
 ])
 def test_real_notebook_with_other_parameters(notebook: str, params: dict, tmp_path: Path) -> None:

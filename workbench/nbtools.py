@@ -579,7 +579,7 @@ def pick(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
 
 def ptq_configs(bits: Sequence[int], observers: Sequence[str] = ("minmax",), n_calib: int = 128,
                 per_channel: bool = True, **overrides: Any) -> list[Any]:
-    """``WbAb`` PTQ settings for every bit width and observer (introduced in 02_preconditioning)."""
+    """``WbAb`` PTQ settings for every bit width and observer (introduced in 02_ptq)."""
     from .ptq import PTQConfig
 
     # from_dict: a field PTQConfig does not have is a ConfigError that lists the valid ones
@@ -591,7 +591,7 @@ def ptq_method_configs(methods: dict[str, dict[str, Any]], bits: int, model: Any
                        observer: str = "minmax") -> list[Any]:
     """Round to nearest plus one ``WbAb`` setting per named method (``{name: PTQConfig fields}``),
     leaving out, with a printed reason, the methods that do not apply to ``model`` (RepQ on a CNN,
-    say) (introduced in 03_ptq)."""
+    say) (introduced in 02_ptq)."""
     from .ptq import not_applicable
 
     configs = ptq_configs([bits], [observer], n_calib=n_calib)
@@ -625,7 +625,7 @@ def error_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def cost_figure(rows: Sequence[dict[str, Any]], title: str = "Accuracy after PTQ against training cost") -> Any:
     """Quantized accuracy against training time per step, one marker per method and setting
-    (``compare`` rows; introduced in 02_preconditioning)."""
+    (``compare`` rows; introduced in 04_preconditioning)."""
     import plotly.graph_objects as go
 
     from . import plots

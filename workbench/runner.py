@@ -101,7 +101,7 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_notebook(name: str | Path, folder: str | Path | None = None) -> Path:
-    """A notebook path from a path, a file name or a stem (``03_ptq``).
+    """A notebook path from a path, a file name or a stem (``02_ptq``).
 
     Raises:
         ConfigError: no such notebook (the message lists the available ones).
