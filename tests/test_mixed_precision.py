@@ -179,3 +179,127 @@ def test_budget_slider_moves_the_allocation_and_measures_on_demand():
     assert 0 <= res["accuracy"] <= 100 and "measured accuracy" in app.status.value
     fig = plots.bits_per_layer({"curvature": app.allocation, "uniform": mixed.uniform_allocation(sens, 4)})
     assert [len(t.y) for t in fig.data] == [4, 4] and list(fig.data[1].y) == [4, 4, 4, 4]
+
+
+# ----------------------------------------------------------------------------- activations
+
+A_OUT = 16
+
+
+class Orthogonal(nn.Module):
+    """Like :class:`Parallel`, but every weight column of every layer is orthogonal to every other
+    (columns of one orthogonal matrix, scaled): under the squared loss the Hessian with respect to
+    the layers' inputs is then diagonal, ``d2L / d x_{n,l,j}^2 = ||W_l[:, j]||^2 / N``, so each
+    input's sigma-weighted trace is ``sigma_l^2 ||W_l||_F^2`` in closed form and Rademacher probes
+    are exact: the estimate can be checked for equality, not within a tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        q, _ = torch.linalg.qr(torch.randn(A_OUT, sum(DIMS), generator=g, dtype=torch.float64))
+        cols = torch.split(q, DIMS, dim=1)
+        self.layers = nn.ModuleList(nn.Linear(d, A_OUT, bias=False).double() for d in DIMS)
+        with torch.no_grad():
+            for i, (layer, c) in enumerate(zip(self.layers, cols)):
+                layer.weight.copy_(c * (0.5 + i))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(layer(part) for layer, part in zip(self.layers, torch.split(x, DIMS, dim=1)))
+
+
+def _act_setup():
+    g = torch.Generator().manual_seed(4)
+    scales = torch.tensor([3.0, 0.5, 2.0, 1.0], dtype=torch.float64).repeat_interleave(torch.tensor(DIMS))
+    x = torch.randn(32, sum(DIMS), generator=g, dtype=torch.float64) * scales + 0.3
+    return Orthogonal(), (x, torch.randn(32, A_OUT, generator=g, dtype=torch.float64))
+
+
+def _act_closed_form(model: Orthogonal, x: torch.Tensor, bits: int) -> list[float]:
+    out = []
+    for layer, part in zip(model.layers, torch.split(x, DIMS, dim=1)):
+        lo, hi = min(float(part.min()), 0.0), max(float(part.max()), 0.0)  # the grid contains 0
+        sigma2 = ((hi - lo) / (2**bits - 1)) ** 2 / 12
+        out.append(0.5 * sigma2 * float(layer.weight.detach().pow(2).sum()))
+    return out
+
+
+def test_activation_sensitivities_match_the_closed_form_input_hessian():
+    model, (x, y) = _act_setup()
+    sens = mixed.activation_sensitivities(model, (x, y), loss_fn=squared, ref_bits=8, min_probes=3, max_probes=3,
+                                          generator=torch.Generator().manual_seed(1))
+    assert [s.name for s in sens] == [f"layers.{i}" for i in range(4)]
+    assert [s.params for s in sens] == list(DIMS) and {s.kind for s in sens} == {"activation"}
+    for b in (8, 6, 4, 3):
+        assert [s.predicted(b) for s in sens] == pytest.approx(_act_closed_form(model, x, b), rel=1e-5), b
+    assert all(s.stderr_ref == pytest.approx(0.0, abs=1e-6 * s.predicted_ref) for s in sens)  # exact probes
+
+
+def test_activation_allocation_is_the_true_optimum_within_its_own_budget():
+    model, (x, y) = _act_setup()
+    cands, a_cands = (8, 4), (8, 6, 4, 3)
+    w_sens = mixed.layer_sensitivities(model, (x, y), loss_fn=squared, deflate=60, min_probes=2, max_probes=2)
+    a_sens = mixed.activation_sensitivities(model, (x, y), loss_fn=squared, min_probes=2, max_probes=2)
+    exact = {b: _act_closed_form(model, x, b) for b in a_cands}
+    for a_budget in (3.5, 4.5, 6.0):
+        alloc = mixed.allocate_bits(model, budget=6.0, candidates=cands, a_candidates=a_cands, a_budget=a_budget,
+                                    sensitivities=w_sens, a_sensitivities=a_sens)
+        best = min((c for c in itertools.product(a_cands, repeat=4)
+                    if sum(d * b for d, b in zip(DIMS, c)) <= a_budget * sum(DIMS)),
+                   key=lambda c: sum(exact[b][i] for i, b in enumerate(c)))
+        assert [alloc.a_layer_bits[f"layers.{i}"] for i in range(4)] == list(best), a_budget
+        assert alloc.average_a_bits <= a_budget + 1e-12
+        w_part = sum(s.predicted(alloc.bits[s.name]) for s in w_sens)
+        assert alloc.predicted == pytest.approx(w_part + sum(exact[b][i] for i, b in enumerate(best)), rel=1e-5)
+        cfg = alloc.config(observer="minmax")
+        assert dict(cfg.layer_a_bits) == alloc.a_layer_bits and cfg.label.startswith("Wmix(") and "Amix(" in cfg.label
+
+
+def test_a_bops_budget_prices_weight_and_input_widths_together():
+    rng = np.random.default_rng(5)
+    cands, a_cands = (8, 4, 2), (8, 6, 4)
+    for trial in range(10):
+        sens = [mixed.LayerSensitivity(f"l{i}", int(rng.integers(10, 500)), int(rng.integers(100, 5000)), 4,
+                                       float(rng.random()), 0.0) for i in range(4)]
+        a_sens = [mixed.LayerSensitivity(s.name, int(rng.integers(10, 500)), s.macs, 8, float(rng.random()), 0.0,
+                                         kind="activation") for s in sens]
+        budget = float(rng.uniform(10, 60)) * sum(s.macs for s in sens)
+        alloc = mixed.allocate_bits(None, budget=budget, budget_kind="bops", candidates=cands, a_candidates=a_cands,
+                                    sensitivities=sens, a_sensitivities=a_sens)
+        assert alloc.bops <= budget
+        options = list(itertools.product(cands, a_cands))
+        feasible = [c for c in itertools.product(options, repeat=4)
+                    if sum(s.macs * w * a for s, (w, a) in zip(sens, c)) <= budget]
+        best = min(sum(s.predicted(w) + sa.predicted(a) for s, sa, (w, a) in zip(sens, a_sens, c)) for c in feasible)
+        assert alloc.predicted == pytest.approx(best, rel=1e-12), trial
+
+
+def test_per_layer_activation_widths_reach_the_engine_and_bad_requests_are_refused():
+    model, (x, _) = _setup()
+    model = model.float()
+    cfg = PTQConfig(w_bits=8, a_bits=8, layer_a_bits={"layers.1": 3, "layers.2": 4})
+    assert cfg.label == "W8Amix(8)"
+    qm = quantize_model(model, cfg, [x.float()])
+    got = {n: m.input_quant.bits for n, m in qm.model.named_modules() if getattr(m, "input_quant", None) is not None}
+    assert got == {"layers.0": 8, "layers.1": 3, "layers.2": 4, "layers.3": 8}
+    with pytest.raises(ConfigError, match="not Linear/Conv layers"):
+        quantize_model(model, PTQConfig(layer_a_bits={"head": 4}), [x.float()])
+    with pytest.raises(ConfigError, match="a_bits is None"):
+        quantize_model(model, PTQConfig(a_bits=None, layer_a_bits={"layers.0": 4}), [x.float()])
+    sens = [mixed.LayerSensitivity("a", 100, 1000, 4, 1.0, 0.0)]
+    with pytest.raises(ConfigError, match="a_budget"):
+        mixed.allocate_bits(None, budget=4, a_candidates=(8, 4), sensitivities=sens)
+    with pytest.raises(ConfigError, match="a_candidates"):
+        mixed.allocate_bits(None, budget=4, a_budget=6, sensitivities=sens)
+    with pytest.raises(ConfigError, match="impossible"):
+        mixed.allocate_bits(None, budget=4, a_candidates=(8, 4), a_budget=3, sensitivities=sens,
+                            a_sensitivities=[mixed.LayerSensitivity("a", 10, 1000, 8, 1.0, 0.0, kind="activation")])
+
+
+def test_ptq_command_allocates_input_widths_within_their_budget(ptq_cli, one_torch_thread):
+    out = ptq_cli("--budget", "4", "--a-budget", "5", "--a-candidates", "8,4", "--n-calib", "32", "--n-eval", "64")
+    (alloc,), (row,) = out["allocations"], [r for r in out["rows"] if r["config"] != "FP32"]
+    assert alloc["average_a_bits"] <= 5 + 1e-12 and set(alloc["a_layer_bits"].values()) <= {8, 4}
+    assert set(alloc["a_layer_bits"]) == set(alloc["bits"]) and row["average_a_bits"] == alloc["average_a_bits"]
+    assert "Amix(" in row["config"]
+    with pytest.raises(ConfigError, match="--a-budget"):
+        ptq_cli("--budget", "4", "--a-candidates", "8,4")

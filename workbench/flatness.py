@@ -1068,6 +1068,11 @@ class ActQuantPrediction(_Result):
     converged: bool
     layers: int
     seconds: float
+    #: with ``per_layer``: each Linear/Conv input's own ``{"estimate", "stderr"}`` of
+    #: ``sum sigma_l^2 H_xx`` over that input alone (its diagonal block; the same probes)
+    per_layer: dict[str, dict[str, float]] | None = field(default=None, repr=False)
+    #: with ``per_layer``: each input's elements per image (what an activation width is paid on)
+    elements: dict[str, int] | None = field(default=None, repr=False)
 
 
 class _InputSites:
@@ -1107,7 +1112,7 @@ class _InputSites:
 def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch], *, a_bits: int = 8,
                                 tol: float = 0.05, min_probes: int = 10, max_probes: int = 100,
                                 block: int = 1, noise_samples: int = 8, generator: torch.Generator | None = None,
-                                loss_fn: LossFn | None = None,
+                                loss_fn: LossFn | None = None, per_layer: bool = False, measure: bool = True,
                                 device: str | torch.device | None = None) -> ActQuantPrediction:
     """Predict the loss increase of quantizing Linear/Conv inputs at ``a_bits`` from the input Hessian.
 
@@ -1116,7 +1121,12 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
     ``sum sigma_l^2 H_ii``. Ranges are per-tensor min/max over the given data, the quantizer is
     quant's asymmetric one (the PTQ default). Weights stay in float here. Not covered: the attention
     matmul inputs (q, k, softmax output) that PTQ may also quantize, since they are not module inputs.
-    ``block`` probes go through one ``vmap``-ed call (pays off for small models).
+    ``block`` probes go through one ``vmap``-ed call (pays off for small models). With ``per_layer``
+    each input's diagonal block is estimated from the same probes (``z_l . (H z)_l``: the cross
+    terms average out, as in :func:`hutchinson_trace`), which prices every layer's activation
+    width separately (:func:`workbench.ptq.mixed.activation_sensitivities`). ``measure=False`` skips
+    the measured side (clean, rounded and noisy losses: NaN), for a prediction alone or a loss
+    that is not a classifier's.
 
     Raises:
         ModelError: the model has no Linear/Conv layer.
@@ -1163,12 +1173,14 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
                 return lf(run(x), y)
 
             samples: list[float] = []
+            site_samples: dict[str, list[float]] = {n: [] for n in sites.names}
             converged = False
             sites.mode = "add"
             with unfused_attention(model):
                 while len(samples) < max_probes:
                     m = min(max(1, block), max_probes - len(samples))
                     sample = torch.zeros(m, dtype=torch.float64)
+                    by_site = {n: torch.zeros(m, dtype=torch.float64) for n in sites.names}
                     for (x, y), w, shp in zip(data_d, weights, shapes):
                         zero = {n: torch.zeros(s, device=dev) for n, s in shp.items()}
                         z = {n: torch.stack([_rademacher(math.prod(s), generator, dev).view(s) for _ in range(m)])
@@ -1180,20 +1192,27 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
 
                         hz = torch.func.vmap(hvp)(z) if m > 1 else {n: t[None] for n, t in hvp(
                             {n: t[0] for n, t in z.items()}).items()}
-                        sample += w * sum((z[n] * hz[n]).reshape(m, -1).sum(1).double().cpu() for n in shp)
+                        for n in shp:
+                            part = w * (z[n] * hz[n]).reshape(m, -1).sum(1).double().cpu()
+                            sample += part
+                            by_site[n] += part
                     samples.extend(sample.tolist())
+                    for n, t in by_site.items():
+                        site_samples[n].extend(t.tolist())
                     if len(samples) >= min_probes:
                         est, se = _mean_se(samples)
                         if se < tol * abs(est):
                             converged = True
                             break
             sites.mode = None
-            clean_loss, clean_acc = evaluate()
-            sites.mode = "quant"
-            quant_loss, quant_acc = evaluate()
+            clean_loss = clean_acc = quant_loss = quant_acc = math.nan
+            if measure:
+                clean_loss, clean_acc = evaluate()
+                sites.mode = "quant"
+                quant_loss, quant_acc = evaluate()
             incs = []
             sites.mode = "add"
-            for _ in range(noise_samples):
+            for _ in range(noise_samples if measure else 0):
                 loss = 0.0
                 with torch.no_grad():
                     for (x, y), w, shp in zip(data_d, weights, shapes):
@@ -1207,9 +1226,13 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
             sites.remove()
     est, se = _mean_se(samples)
     mn, mse = _mean_se(incs) if incs else (math.nan, math.nan)
+    layers = elements = None
+    if per_layer:
+        layers = {n: dict(zip(("estimate", "stderr"), _mean_se(v))) for n, v in site_samples.items()}
+        elements = {n: math.prod(shapes[0][n][1:]) for n in sites.names if n in shapes[0]}
     return ActQuantPrediction(a_bits, est, se, est / 2, se / 2, quant_loss - clean_loss, mn, mse, clean_loss,
                               quant_loss, clean_acc, quant_acc, len(samples), converged, len(sites.names),
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, layers, elements)
 
 
 # ----------------------------------------------------------------------------- sharpness

@@ -51,6 +51,12 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--budget-kind", default="bits", choices=("bits", "bytes", "bops"),
                    help="what --budget counts: average weight bits (default), weight bytes, or bit-operations")
     p.add_argument("--candidates", default="8,6,4,3,2", help="weight widths a layer may take (--budget)")
+    p.add_argument("--a-budget", type=float, default=None, metavar="A",
+                   help="with --budget: per-layer input widths too, averaging A bits (weighted by each input's "
+                        "size), chosen from the input-side curvature; the attention matmuls take --abits")
+    p.add_argument("--a-candidates", default=None,
+                   help="input widths a layer may take (default 8,6,4,3 with --a-budget); with --budget-kind bops "
+                        "alone they are priced together with the weight widths")
     p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
@@ -64,7 +70,7 @@ def run_budget_command(args: Any) -> int:
 
     from ..quant import check_bits
     from .analysis import checkpoint_data, sweep
-    from .mixed import allocate_bits, layer_sensitivities
+    from .mixed import activation_sensitivities, allocate_bits, layer_sensitivities
 
     if args.bits or args.wbits:
         raise ConfigError("--budget chooses the weight bits per layer: give --abits for the activations, "
@@ -72,25 +78,36 @@ def run_budget_command(args: Any) -> int:
     a_bits = check_bits(int(args.abits), "--abits") if args.abits else 8
     budgets = [float(b) for b in str(args.budget).split(",") if b.strip()]
     candidates = [int(b) for b in args.candidates.split(",") if b.strip()]
+    a_budget = getattr(args, "a_budget", None)
+    a_cands_arg = getattr(args, "a_candidates", None)
+    a_candidates = ([int(b) for b in a_cands_arg.split(",") if b.strip()] if a_cands_arg
+                    else [8, 6, 4, 3] if a_budget is not None else None)
+    if a_cands_arg and a_budget is None and args.budget_kind != "bops":
+        raise ConfigError("--a-candidates needs --a-budget (average input bits), or --budget-kind bops, which "
+                          "prices weight and input widths together")
     device = str(resolve_device(args.device))
     rows, allocations = [], []
     for path in args.checkpoints:
         model, method, calib, evals = checkpoint_data(path, args.n_calib, batch_size=args.batch_size,
                                                       device=device, n_eval=args.n_eval)
         sens = layer_sensitivities(model, calib[:1], generator=torch.Generator().manual_seed(0))
+        a_sens = (activation_sensitivities(model, calib[:1], generator=torch.Generator().manual_seed(0))
+                  if a_candidates else None)
         configs = []
         for b in budgets:
             alloc = allocate_bits(model, budget=b, budget_kind=args.budget_kind, candidates=candidates,
-                                  a_bits=a_bits, sensitivities=sens)
+                                  a_bits=a_bits, a_candidates=a_candidates, a_budget=a_budget, sensitivities=sens,
+                                  a_sensitivities=a_sens)
             allocations.append({"checkpoint": str(path), **alloc.to_dict()})
             configs.append(alloc.config(observer=args.observer, n_calib=args.n_calib, quant_attn=not args.no_attn,
-                                        bias_correction=args.bias_correction, w_per_channel=not args.per_tensor))
+                                        bias_correction=args.bias_correction, w_per_channel=not args.per_tensor,
+                                        a_bits=a_bits))  # the attention matmuls (and unnamed inputs) at --abits
         got = sweep([(str(path), model, method)], configs, calib, evals, device=device,
                     progress=not getattr(args, "json", False))
         q = [r for r in got if r["config"] != "FP32"]
         for r, alloc in zip(q, allocations[-len(budgets):]):
             r.update(budget=alloc["budget"], budget_kind=alloc["budget_kind"], average_bits=alloc["average_bits"],
-                     predicted_increase=alloc["predicted"])
+                     average_a_bits=alloc["average_a_bits"], predicted_increase=alloc["predicted"])
         rows += got
     if getattr(args, "json", False):
         json.dump({"rows": rows, "allocations": allocations}, sys.stdout, indent=1)
@@ -99,7 +116,8 @@ def run_budget_command(args: Any) -> int:
         print(format_table(rows, [*SWEEP_COLUMNS, "budget", "average_bits", "predicted_increase"]))
         for a in allocations:
             print(f"{a['checkpoint']} budget {a['budget']:g} {a['budget_kind']}: average {a['average_bits']:.2f} bits, "
-                  f"predicted loss increase {a['predicted']:.4f}; " + ", ".join(f"{k}={v}" for k, v in a["bits"].items()))
+                  f"predicted loss increase {a['predicted']:.4f}; " + ", ".join(f"{k}={v}" for k, v in a["bits"].items())
+                  + ("; inputs " + ", ".join(f"{k}={v}" for k, v in a["a_layer_bits"].items()) if a["a_layer_bits"] else ""))
     return 0
 
 

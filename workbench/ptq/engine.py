@@ -78,16 +78,21 @@ class PTQConfig:
     # mixed precision: weight bits per Linear/Conv (module name -> bits, e.g. from ptq.allocate_bits);
     # the layers it names override w_bits. Stored as sorted (name, bits) pairs so the config stays hashable.
     layer_bits: tuple[tuple[str, int], ...] = ()
+    # the same for the input (activation) quantizer of each Linear/Conv; the layers it names override
+    # a_bits there. The attention matmul inputs keep a_bits.
+    layer_a_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        pairs = self.layer_bits.items() if isinstance(self.layer_bits, dict) else self.layer_bits
-        try:
-            pairs = tuple(sorted((str(k), quant.check_bits(v, f"layer_bits[{k!r}]")) for k, v in pairs))
-        except ConfigError:
-            raise
-        except (TypeError, ValueError):
-            raise ConfigError(f"layer_bits maps layer names to weight bits, got {self.layer_bits!r}") from None
-        object.__setattr__(self, "layer_bits", pairs)
+        for name, what in (("layer_bits", "weight"), ("layer_a_bits", "input activation")):
+            value = getattr(self, name)
+            pairs = value.items() if isinstance(value, dict) else value
+            try:
+                pairs = tuple(sorted((str(k), quant.check_bits(v, f"{name}[{k!r}]")) for k, v in pairs))
+            except ConfigError:
+                raise
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} maps layer names to {what} bits, got {value!r}") from None
+            object.__setattr__(self, name, pairs)
         for name in ("w_bits", "a_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -119,10 +124,11 @@ class PTQConfig:
     @property
     def label(self) -> str:
         """``'W4A8'`` style name; 32 stands for a tensor kind left in floating point. Mixed
-        precision: ``'Wmix(4)A8'``, with the bits of the layers the map does not name."""
-        if self.layer_bits:
-            return f"Wmix({self.w_bits or 32})A{self.a_bits or 32}"
-        return f"W{self.w_bits or 32}A{self.a_bits or 32}"
+        precision: ``'Wmix(4)A8'`` (``'Amix(8)'`` for activations), with the bits of the layers the
+        map does not name."""
+        w = f"mix({self.w_bits or 32})" if self.layer_bits else f"{self.w_bits or 32}"
+        a = f"mix({self.a_bits or 32})" if self.layer_a_bits else f"{self.a_bits or 32}"
+        return f"W{w}A{a}"
 
     @property
     def method(self) -> str:
@@ -225,16 +231,20 @@ def _replace_layers(model: nn.Module, config: PTQConfig) -> int:
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
             targets.append(name)
             inside_wrapper.add(name)
-    per_layer = dict(config.layer_bits)
-    unknown = sorted(set(per_layer) - set(targets))
-    if unknown:
-        raise ConfigError(f"layer_bits names {unknown[:3]}, which are not Linear/Conv layers of this model "
-                          f"(those are e.g. {targets[:3]})")
+    per_layer, per_layer_a = dict(config.layer_bits), dict(config.layer_a_bits)
+    for field_name, named in (("layer_bits", per_layer), ("layer_a_bits", per_layer_a)):
+        unknown = sorted(set(named) - set(targets))
+        if unknown:
+            raise ConfigError(f"{field_name} names {unknown[:3]}, which are not Linear/Conv layers of this model "
+                              f"(those are e.g. {targets[:3]})")
+    if per_layer_a and config.a_bits is None:
+        raise ConfigError("layer_a_bits sets input widths, but a_bits is None (activations in float): set a_bits "
+                          "for the layers the map does not name and for the attention matmuls")
     for i, name in enumerate(targets):
         layer = model.get_submodule(name)
         boundary = i in (0, len(targets) - 1)
         w_bits = _bits_for(per_layer.get(name, config.w_bits), boundary, config)
-        a_bits = _bits_for(config.a_bits, boundary, config)
+        a_bits = _bits_for(per_layer_a.get(name, config.a_bits), boundary, config)
         w_obs = _observer(config, config.weight_observer) if w_bits is not None else None
         a_q = (ActQuantizer(a_bits, config.a_symmetric, _observer(config, config.observer))
                if a_bits is not None else None)
