@@ -183,6 +183,34 @@ def test_swa_averages_last_epochs_and_updates_bn() -> None:
     assert torch.allclose(model[1].running_mean, expected, atol=1e-5)
 
 
+def test_swa_every_averages_the_weights_after_each_step_of_the_last_part() -> None:
+    # one epoch of 3 batches twice over = 6 steps; swa_start_frac 0.5 -> averaging starts after
+    # step 3 and, with swa_every=1, takes the weights after steps 4, 5 and 6: a 1-epoch fine-tune
+    # gets a real average (per-epoch SWA would keep the last weights only)
+    model = small_cnn()
+    data = fake_data()
+    method = create_method(MethodConfig(method="swa", swa_every=1, swa_start_frac=0.5))
+    ctx = make_ctx(model, epochs=2, steps=len(data), batches=data)
+    snapshots = []
+    orig_step = method.training_step
+
+    def spy(model_, x, y, ctx_):
+        loss = orig_step(model_, x, y, ctx_)
+        snapshots.append([p.detach().clone() for p in model_.parameters()])
+        return loss
+
+    method.training_step = spy  # type: ignore[method-assign]
+    run(method, model, ctx, data)
+    assert len(snapshots) == 6 and method.n_averaged == 3
+    for i, p in enumerate(model.parameters()):
+        assert torch.allclose(p, sum(s[i] for s in snapshots[3:]) / 3, atol=1e-6)
+    # every second step from the same start: only the weights after step 5 ((5 - 3) % 2 == 0)
+    model2 = small_cnn()
+    method2 = create_method(MethodConfig(method="swa", swa_every=2, swa_start_frac=0.5))
+    run(method2, model2, make_ctx(model2, epochs=2, steps=len(data), batches=data), data)
+    assert method2.n_averaged == 1 and method2.state_dict()["step"] == 6
+
+
 def test_swa_lr_overrides_schedule() -> None:
     model = small_cnn()
     method = create_method(MethodConfig(method="swa", swa_epochs=1, swa_lr=0.123))
@@ -215,7 +243,7 @@ def test_unknown_method_lists_names() -> None:
     {"method": "wnoise", "noise_mult_w": -0.5}, {"method": "sam", "rho": 0}, {"method": "sam", "rho": -0.1},
     {"method": "wnoise", "w_bits": None}, {"method": "anoise", "a_bits": None},
     {"method": "dnq", "a_bits": None}, {"method": "uniform", "w_bits": None, "a_bits": None},
-    {"method": "swa", "swa_start_frac": 1.0}, {"method": "swa", "swa_epochs": 0},
+    {"method": "swa", "swa_start_frac": 1.0}, {"method": "swa", "swa_epochs": 0}, {"method": "swa", "swa_every": 0},
     {"method": "dnq", "schedule": "cosine"},
 ])
 def test_bad_configs(kwargs) -> None:

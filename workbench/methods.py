@@ -42,6 +42,7 @@ class StepContext:
     device: torch.device
     epochs: int
     steps_per_epoch: int
+    total_steps: int | None = None  # optimizer steps in all (fractional epochs, --steps); None: epochs x steps_per_epoch
     grad_clip: float | None = None
     autocast: Callable[[], AbstractContextManager] = nullcontext
     #: Yields (images, labels) batches of the training set without augmentation,

@@ -68,6 +68,9 @@ class MethodConfig:
     swa_start_frac: float = 0.75  # SWA averages the epochs after this fraction of training
     swa_epochs: int | None = None  # or: average exactly the last N epochs (overrides the fraction)
     swa_lr: float | None = None  # constant learning rate while averaging (None: keep the schedule)
+    # or: average every N optimizer steps from the start fraction on (a 1-epoch fine-tune has one
+    # epoch end, so per-epoch averaging would average nothing but the last weights)
+    swa_every: int | None = None
     schedule: str = "constant"  # noise schedule: constant | ramp
     ramp_epochs: float = 1.0  # length of the linear ramp
     include: tuple[str, ...] = ("*",)  # layers that get noise (fnmatch on module names)
@@ -98,6 +101,8 @@ class MethodConfig:
             raise ConfigError(f"swa_epochs must be >= 1, got {self.swa_epochs!r}")
         if self.swa_lr is not None and not self.swa_lr > 0:
             raise ConfigError(f"swa_lr must be > 0, got {self.swa_lr!r}")
+        if self.swa_every is not None and int(self.swa_every) < 1:
+            raise ConfigError(f"swa_every must be >= 1 (optimizer steps between averaged weights), got {self.swa_every!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -364,9 +369,11 @@ class SWAMethod(PlainMethod):
     """Stochastic weight averaging over the last epochs, then BatchNorm statistics recomputed.
 
     Averaging starts at epoch ``floor(epochs * swa_start_frac)`` (or ``epochs - swa_epochs``)
-    and adds the weights at the end of each epoch from there on. With ``swa_lr`` the learning
-    rate is held at that value while averaging (set before every optimizer step, so it wins
-    over the loop's schedule).
+    and adds the weights at the end of each epoch from there on. With ``swa_every`` it starts at
+    optimizer step ``floor(total_steps * swa_start_frac)`` and adds the weights after every
+    ``swa_every``-th step from there on: the form a short fine-tune needs. With ``swa_lr`` the
+    learning rate is held at that value while averaging (set before every optimizer step, so it
+    wins over the loop's schedule).
     """
 
     def __init__(self, config: MethodConfig) -> None:
@@ -375,6 +382,8 @@ class SWAMethod(PlainMethod):
         self.start_epoch = 0
         self.epoch = 0
         self.n_averaged = 0
+        self.step = 0  # optimizer steps taken (swa_every)
+        self.start_step = 0
 
     def setup(self, model: nn.Module, ctx: StepContext) -> None:
         cfg = self.config
@@ -383,20 +392,36 @@ class SWAMethod(PlainMethod):
         else:
             self.start_epoch = min(ctx.epochs - 1, int(math.floor(ctx.epochs * cfg.swa_start_frac)))
         self.avg = torch.optim.swa_utils.AveragedModel(model)
-        log.info("SWA averages epochs %d..%d", self.start_epoch + 1, ctx.epochs)
+        if cfg.swa_every is not None:
+            total = ctx.total_steps if ctx.total_steps is not None else ctx.epochs * ctx.steps_per_epoch
+            self.start_step = (max(0, total - int(cfg.swa_epochs) * ctx.steps_per_epoch) if cfg.swa_epochs is not None
+                               else min(total - 1, int(math.floor(total * cfg.swa_start_frac))))
+            log.info("SWA averages every %d steps after step %d of %d", cfg.swa_every, self.start_step, total)
+        else:
+            log.info("SWA averages epochs %d..%d", self.start_epoch + 1, ctx.epochs)
+
+    def _averaging(self) -> bool:
+        return (self.step >= self.start_step) if self.config.swa_every is not None else self.epoch >= self.start_epoch
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         self.epoch = epoch
 
     def training_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       ctx: StepContext) -> torch.Tensor:
-        if self.config.swa_lr is not None and self.epoch >= self.start_epoch:
+        if self.config.swa_lr is not None and self._averaging():
             for group in ctx.optimizer.param_groups:
                 group["lr"] = self.config.swa_lr
-        return super().training_step(model, images, labels, ctx)
+        loss = super().training_step(model, images, labels, ctx)
+        every = self.config.swa_every
+        if every is not None:
+            self.step += 1
+            if self.avg is not None and self.step > self.start_step and (self.step - self.start_step) % every == 0:
+                self.avg.update_parameters(model)
+                self.n_averaged += 1
+        return loss
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
-        if self.avg is not None and epoch >= self.start_epoch:
+        if self.config.swa_every is None and self.avg is not None and epoch >= self.start_epoch:
             self.avg.update_parameters(model)
             self.n_averaged += 1
 
@@ -416,13 +441,15 @@ class SWAMethod(PlainMethod):
                               WorkbenchWarning, stacklevel=2)
             else:
                 torch.optim.swa_utils.update_bn(ctx.train_batches(), model, device=ctx.device)
-        log.info("SWA: averaged %d epochs", self.n_averaged)
+        log.info("SWA: averaged %d %s", self.n_averaged, "snapshots" if self.config.swa_every else "epochs")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"avg": self.avg.state_dict() if self.avg is not None else None, "n_averaged": self.n_averaged}
+        return {"avg": self.avg.state_dict() if self.avg is not None else None, "n_averaged": self.n_averaged,
+                "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n_averaged = int(state.get("n_averaged", 0))
+        self.step = int(state.get("step", 0))
         if self.avg is not None and state.get("avg") is not None:
             self.avg.load_state_dict(state["avg"])
 

@@ -244,7 +244,7 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
     gen = torch.Generator(device=device).manual_seed(seed)
     ctx = StepContext(
         loss_fn=loss_fn, optimizer=optimizer, device=device, epochs=n_epochs,
-        steps_per_epoch=steps_per_epoch, grad_clip=cfg.grad_clip, autocast=autocast,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, grad_clip=cfg.grad_clip, autocast=autocast,
         # the whole training set on every rank (SWA's BatchNorm update: identical to one process)
         train_batches=lambda: batches(data.train, data.info, cfg.eval_batch_size, device=device),
         generator=gen,
