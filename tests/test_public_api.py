@@ -28,3 +28,19 @@ def test_import_workbench_loads_no_heavy_library():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"import workbench loaded {out}"
+
+
+def test_the_cli_parser_loads_without_torch() -> None:
+    """``workbench --help`` (building every subcommand's parser) must stay fast: no torch,
+    numpy, plotly or papermill until a command runs."""
+    code = ("import sys\nfrom workbench import cli\ncli.build_parser()\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'plotly', 'papermill', 'ipywidgets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_ptq_parser_offers_exactly_the_registered_observers() -> None:
+    from workbench.ptq.command import OBSERVER_NAMES
+    from workbench.ptq.observers import OBSERVERS
+
+    assert sorted(OBSERVER_NAMES) == sorted(OBSERVERS.names())

@@ -12,22 +12,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import RunDirError
+
+if TYPE_CHECKING:  # torch and numpy load inside the functions that need them: the CLI's parser
+    import torch  # imports this module, and `workbench --help` should not pay for torch
+
+
+def _loaded(name: str) -> Any:
+    """The module if something already imported it, else None (then none of its objects exist)."""
+    return sys.modules.get(name)
 
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices): same seed, same init and noise."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
@@ -43,6 +53,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             without a visible GPU, ``cuda:N`` past the last GPU, ``mps`` without support);
             the message lists what this machine offers.
     """
+    import torch
+
     from .errors import ConfigError
 
     if device is None or str(device).strip().lower() == "auto":
@@ -96,6 +108,9 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of Python, the workbench and its main libraries."""
+    import numpy as np
+    import torch
+
     from . import __version__
 
     out = {"python": platform.python_version(), "workbench": __version__, "torch": torch.__version__,
@@ -154,16 +169,22 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: _json_default(v) if isinstance(v, (torch.Tensor, np.generic)) else v for k, v in r.items()})
+        w.writerow({k: _json_default(v) if _is_array_scalar(v) else v for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
 
 
+def _is_array_scalar(v: Any) -> bool:
+    torch, np = _loaded("torch"), _loaded("numpy")
+    return bool((torch is not None and isinstance(v, torch.Tensor)) or (np is not None and isinstance(v, np.generic)))
+
+
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
+    torch, np = _loaded("torch"), _loaded("numpy")
+    if torch is not None and isinstance(o, torch.Tensor):
         return o.item() if o.numel() == 1 else o.tolist()
-    if isinstance(o, np.generic):
+    if np is not None and isinstance(o, np.generic):
         return o.item()
-    if isinstance(o, np.ndarray):
+    if np is not None and isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)

@@ -35,14 +35,15 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from . import data as wdata
 from .errors import ConfigError, RunDirError
 from .runinfo import atomic_write_text, prepare_run_dir, run_metadata, write_csv, write_json
+
+if TYPE_CHECKING:  # torch and the data module load inside the member functions: the CLI's parser
+    from torch import nn  # imports this module, and `workbench --help` should not pay for torch
+
+    from . import data as wdata
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def member_data(data: str, *, seed: int = 0, val_size: int | float = 0, limit_tr
                 limit_test: int | None = None, n_calib: int = 256) -> wdata.DataBundle:
     """The member's data: ``val_size`` images held out of training as ``val`` (the search judges
     candidates there), then the usual limits and calibration subset (from the remaining training images)."""
+    from . import data as wdata
     from .nbtools import subset_bundle
 
     bundle = wdata.load(data, seed=seed, n_calib=max(int(n_calib), 1), val_size=val_size)
@@ -125,6 +127,7 @@ def member_ptq(label: str, model: nn.Module, method: str, bundle: wdata.DataBund
     """:func:`workbench.ptq.sweep` of one model on ``split`` with ``drop`` (FP minus quantized
     accuracy, points) and ``loss_increase`` on every row. Configs that quantize attention matmuls
     are skipped for models without attention (they would repeat the same numbers)."""
+    from . import data as wdata
     from .ptq import sweep
 
     dev = next(model.parameters()).device
@@ -154,6 +157,7 @@ def member_flatness(label: str, model: nn.Module, bundle: wdata.DataBundle, *, n
     """Curvature of one model on ``n_hessian`` training images (the loss it minimized): top
     eigenvalue, Hutchinson trace (with its standard error), sharpness and, per weight bit width,
     the sigma-weighted trace, the predicted and the measured (round-to-nearest) loss increase."""
+    from . import data as wdata
     from .flatness import damage_table
 
     dev = next(model.parameters()).device
@@ -175,6 +179,8 @@ def member_flatness(label: str, model: nn.Module, bundle: wdata.DataBundle, *, n
 
 def hardware() -> str:
     """The device training ran on, in words (for the cost columns)."""
+    import torch
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA)"
     name = platform.processor() or platform.machine()
@@ -324,6 +330,8 @@ def run_study(study_file: str | Path, out: str | Path, *, jobs: int = 1, dest: s
 def _extra_ptq_job(args: dict[str, Any]) -> dict[str, Any]:
     """One member's added PTQ settings (top-level so it pickles for the process pool)."""
     import json
+
+    import torch
 
     from .checkpoint import load_model
 

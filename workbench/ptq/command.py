@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
-from ..runinfo import resolve_device
-from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
-from .engine import PTQConfig
-from .observers import OBSERVERS
+
+#: What ``--observer`` accepts: the observer registry's names (a test keeps the two equal); the
+#: parser does not import the registry, so that ``workbench --help`` does not load torch.
+OBSERVER_NAMES = ("minmax", "percentile", "mse")
 
 
 def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
@@ -25,7 +25,7 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--bits", default=None, help="WbAb pairs: 8,6,4,3 or W4A8,W8A32 (32 = float)")
     p.add_argument("--wbits", default=None, help="weight bits, crossed with --abits")
     p.add_argument("--abits", default=None, help="activation bits, crossed with --wbits")
-    p.add_argument("--observer", default="minmax", choices=OBSERVERS.names())
+    p.add_argument("--observer", default="minmax", choices=OBSERVER_NAMES)
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--no-attn", action="store_true", help="leave the attention matmuls in float")
@@ -39,8 +39,8 @@ def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
     p.add_argument("--qdrop", type=float, default=0.0,
                    help="with --reconstruction brecq: probability of leaving an activation in float while "
                         "reconstructing (QDrop, Wei et al. 2022, uses 0.5)")
-    p.add_argument("--recon-iters", type=int, default=PTQConfig.recon_iters,
-                   help="optimizer steps per reconstructed layer or block (default %(default)s)")
+    p.add_argument("--recon-iters", type=int, default=None,
+                   help="optimizer steps per reconstructed layer or block (default: PTQConfig's, 500)")
     p.add_argument("--repq", action="store_true",
                    help="calibrate post-LayerNorm inputs per channel and fold the scales into the LayerNorm "
                         "(RepQ-ViT, Li et al. 2023); ViTs only")
@@ -69,7 +69,8 @@ def run_budget_command(args: Any) -> int:
     import torch
 
     from ..quant import check_bits
-    from .analysis import checkpoint_data, sweep
+    from ..runinfo import resolve_device
+    from .analysis import SWEEP_COLUMNS, checkpoint_data, format_table, sweep
     from .mixed import activation_sensitivities, allocate_bits, layer_sensitivities
 
     if args.bits or args.wbits:
@@ -125,13 +126,18 @@ def run_ptq_command(args: Any) -> int:
     """Run the sweep described by parsed ``args``; print a table (or JSON rows with --json)."""
     if getattr(args, "budget", None):
         return run_budget_command(args)
+    from ..runinfo import resolve_device
+    from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
+    from .engine import PTQConfig
+
     bits = args.bits if (args.bits or args.wbits or args.abits) else "8,6,4,3"
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
                                 w_per_channel=not args.per_tensor, n_calib=args.n_calib,
                                 quant_attn=not args.no_attn, softmax_quantizer=args.softmax,
                                 first_last_8bit=args.first_last_8bit, bias_correction=args.bias_correction,
                                 reconstruction=args.reconstruction, qdrop=args.qdrop,
-                                recon_iters=args.recon_iters, repq=args.repq)
+                                recon_iters=args.recon_iters if args.recon_iters is not None else PTQConfig.recon_iters,
+                                repq=args.repq)
     device = str(resolve_device(args.device))  # one clear error for an unknown or absent device
     rows = sweep_checkpoints(args.checkpoints, configs, batch_size=args.batch_size, device=device,
                              n_eval=args.n_eval, progress=not getattr(args, "json", False))
