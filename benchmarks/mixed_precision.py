@@ -104,20 +104,29 @@ def main() -> None:
 
 
 def markdown(rows: list[dict[str, Any]], args: Any) -> str:
-    lines = ["Mixed precision at the same average weight bits (activations at the stated width, MSE observer, "
+    intro = ("Mixed precision at the same average weight bits (activations at the stated width, MSE observer, "
              f"{args.n_calib} calibration images): accuracy (%) and loss. `random`: mean ± std over "
              f"{args.random} random allocations through the same solver. Uniform widths bracket a fractional budget "
-             "(they use more or fewer bits than it).", "",
-             "| model | A bits | budget | allocation | avg bits | predicted increase | accuracy | loss | allocation time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(they use more or fewer bits than it).")
+    return table_markdown(rows, intro, [("model", "model", "{}"), ("a_bits", "A bits", "{}"),
+                                        ("budget", "budget", "{:g}")], ("average_bits", "avg bits"))
+
+
+def table_markdown(rows: list[dict[str, Any]], intro: str, keys: list[tuple[str, str, str]],
+                   average: tuple[str, str]) -> str:
+    """One line per group of ``keys`` and allocation: the mean width, prediction, accuracy and
+    loss (mean ± std over draws), then Spearman's rho of predicted against measured increase."""
+    lines = [intro, "", "| " + " | ".join(h for _, h, _ in keys) + f" | allocation | {average[1]} | predicted increase "
+             "| accuracy | loss | allocation time (s) |", "|---" * (len(keys) + 6) + "|"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["a_bits"], r["budget"], r["allocation"]), []).append(r)
-    for (model, a, budget, name), rs in groups.items():
+        groups.setdefault((*(r[k] for k, _, _ in keys), r["allocation"]), []).append(r)
+    for key, rs in groups.items():
         acc = stats.mean_interval([r["accuracy"] for r in rs])
         loss = stats.mean_interval([r["loss"] for r in rs])
         t = rs[0]["allocation_s"]
-        lines.append(f"| {model} | {a} | {budget:g} | {name} | {sum(r['average_bits'] for r in rs) / len(rs):.2f} | "
+        cells = [f.format(v) for (_, _, f), v in zip(keys, key)]
+        lines.append(f"| {' | '.join(cells)} | {key[-1]} | {sum(r[average[0]] for r in rs) / len(rs):.2f} | "
                      f"{sum(r['predicted_increase'] for r in rs) / len(rs):.4f} | {_pm(acc, 2)} | {_pm(loss, 4)} | "
                      f"{'-' if math.isnan(t) else f'{t:.1f}'} |")
     rho = stats.spearman_interval([r["predicted_increase"] for r in rows], [r["measured_increase"] for r in rows])
@@ -185,28 +194,12 @@ def activation_main(args: Any, out: Path, labels: list[str], budgets: list[float
 
 
 def activation_markdown(rows: list[dict[str, Any]], args: Any) -> str:
-    lines = ["Per-layer activation widths (inputs of every Linear/Conv; the attention matmuls at the "
-             "width rounded from the budget, for every allocation alike) at the same average input bits, with the weights at their curvature allocation; MSE observer, "
-             f"{args.n_calib} calibration images. `random`: mean ± std over {args.random} random input allocations "
-             "through the same solver.", "",
-             "| model | W budget | A budget | allocation | avg A bits | predicted increase | accuracy | loss | "
-             "allocation time (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["budget"], r["a_budget"], r["allocation"]), []).append(r)
-    for (model, budget, a_budget, name), rs in groups.items():
-        acc = stats.mean_interval([r["accuracy"] for r in rs])
-        loss = stats.mean_interval([r["loss"] for r in rs])
-        t = rs[0]["allocation_s"]
-        lines.append(f"| {model} | {budget:g} | {a_budget:g} | {name} | "
-                     f"{sum(r['average_a_bits'] for r in rs) / len(rs):.2f} | "
-                     f"{sum(r['predicted_increase'] for r in rs) / len(rs):.4f} | {_pm(acc, 2)} | {_pm(loss, 4)} | "
-                     f"{'-' if math.isnan(t) else f'{t:.1f}'} |")
-    rho = stats.spearman_interval([r["predicted_increase"] for r in rows], [r["measured_increase"] for r in rows])
-    lines += ["", f"Spearman's ρ between predicted and measured loss increase over all {rho['n']} allocations: "
-              + (f"{rho['rho']:.2f} [{rho['ci_low']:.2f}, {rho['ci_high']:.2f}]" if not math.isnan(rho["rho"])
-                 else rho["note"]) + ".", ""]
-    return "\n".join(lines)
+    intro = ("Per-layer activation widths (inputs of every Linear/Conv; the attention matmuls at the width rounded "
+             "from the budget, for every allocation alike) at the same average input bits, with the weights at "
+             f"their curvature allocation; MSE observer, {args.n_calib} calibration images. `random`: mean ± std "
+             f"over {args.random} random input allocations through the same solver.")
+    return table_markdown(rows, intro, [("model", "model", "{}"), ("budget", "W budget", "{:g}"),
+                                        ("a_budget", "A budget", "{:g}")], ("average_a_bits", "avg A bits"))
 
 
 def _pm(m: dict[str, float], digits: int) -> str:
