@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ConfigError, ModelError
-from .flatness import Batch, _as_batches, _model_device, preserved_mode, select_params
+from .flatness import Batch, as_batches, model_device, preserved_mode, select_params
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class _Evaluator:
     def __init__(self, model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn | None,
                  device: str | torch.device | None) -> None:
         self.model = model
-        self.device = torch.device(device) if device is not None else _model_device(model)
-        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in _as_batches(data)]
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in as_batches(data)]
         self.n = sum(x.shape[0] for x, _ in self.batches)
         self.loss_fn = loss_fn or F.cross_entropy
         self.params = {k: v.detach().to(self.device) for k, v in model.named_parameters()}
