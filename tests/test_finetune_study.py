@@ -296,3 +296,27 @@ def test_the_committed_report_is_what_its_tables_say():
     # and the headline rows behind it pair 6 replicates per arm at W4A4 and W3A3
     rows = fr.headline_rows(report, columns=["mse"])
     assert rows and all(r["pairs"] == 6 for r in rows)
+
+
+def test_curvature_is_paired_by_replicate_with_a_hand_computed_interval():
+    # dnq - plain trace differences -10, -12, -14 over three replicates: mean -12, sd 2, t(0.975, 2)
+    # = 4.3027 -> half-width 4.3027 * 2 / sqrt(3) = 4.968; the interval excludes 0 (lower: flatter).
+    # sigma_trace differences +1, -1, +3 at 4 bits: mean 1, sd 2 -> [-3.97, +5.97], not distinguishable.
+    curv = []
+    for i, (tr_plain, tr_dnq, s_plain, s_dnq) in enumerate([(100, 90, 5, 6), (120, 108, 7, 6), (90, 76, 4, 7)]):
+        for arm, tr, st in (("plain", tr_plain, s_plain), ("dnq", tr_dnq, s_dnq)):
+            for b in (4, 3):
+                curv.append({"family": "fam", "epochs": 1.0, "replicate": f"r{i}", "arm": arm, "w_bits": b,
+                             "trace": float(tr), "top_eigenvalue": float(tr) / 10, "sigma_trace": float(st) * (5 - b),
+                             "measured_increase": 0.01})
+    rows = {(r["measure"], r["w_bits"]): r for r in fr.curvature_paired(curv) if r["arm"] == "dnq"}
+    # the trace and the top eigenvalue do not depend on the bits: reported once, under the largest
+    assert ("trace", 3) not in rows and ("top_eigenvalue", 3) not in rows and ("sigma_trace", 3) in rows
+    tr = rows[("trace", 4)]
+    assert tr["n_pairs"] == 3 and tr["diff_mean"] == pytest.approx(-12.0)
+    assert (tr["diff_ci_low"], tr["diff_ci_high"]) == pytest.approx((-12 - 4.9685, -12 + 4.9685), abs=1e-3)
+    assert tr["verdict"] == "worse"  # lower than the control, and the interval excludes 0
+    st = rows[("sigma_trace", 4)]
+    assert st["diff_mean"] == pytest.approx(1.0) and st["verdict"] == "not distinguishable"
+    text = fr.curvature_paired_markdown(fr.curvature_paired(curv), "plain")
+    assert "-12 [-17, -7] ▼" in text and "| fam | - | trace |" in text

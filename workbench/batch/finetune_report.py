@@ -28,6 +28,7 @@ from typing import Any
 from .. import stats
 from ..errors import ConfigError
 from ..runinfo import atomic_write_text, git_commit, write_csv, write_json
+from .finetune_curvature import curvature_paired, curvature_paired_markdown, curvature_summary, diff_cell, fmt
 
 #: Markers of the generated block in a Markdown file (docs/results.md).
 BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
@@ -130,42 +131,6 @@ def calibration_spread(ptq: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-def curvature_summary(curv: Sequence[Mapping[str, Any]], ptq_means: Sequence[Mapping[str, Any]]
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per arm the mean curvature measures, and the Spearman correlation (with its interval) of
-    each measure with the measured damage over all members: the weight-only RTN loss increase
-    of the curvature report, and the accuracy lost at the same bits under PTQ (MSE)."""
-    from .finetune_study import CURVATURE_MEASURES
-
-    measures = list(CURVATURE_MEASURES)
-    per_arm = []
-    groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in curv:
-        groups[(r["family"], r["epochs"], r["arm"], r["w_bits"])].append(r)
-    for (fam, ep, arm, b), rs in groups.items():
-        row = {"family": fam, "epochs": ep, "arm": arm, "w_bits": b, "members": len(rs)}
-        for m in (*measures, "measured_increase", "first_order"):
-            vals = [float(r[m]) for r in rs if r.get(m) is not None]
-            row[m] = sum(vals) / len(vals) if vals else math.nan
-        per_arm.append(row)
-    fp = {(r["family"], r["epochs"], r["replicate"], r["arm"]): r["accuracy"] for r in ptq_means
-          if r["setting"] == "FP32"}
-    q = {(r["family"], r["epochs"], r["replicate"], r["arm"], r["setting"]): r["accuracy"] for r in ptq_means}
-    rho = []
-    for (fam, ep, b) in sorted({(r["family"], r["epochs"], r["w_bits"]) for r in curv}):
-        rs = [r for r in curv if (r["family"], r["epochs"], r["w_bits"]) == (fam, ep, b)]
-        setting = f"W{b}A{b}/mse"
-        drops = [fp.get((fam, ep, r["replicate"], r["arm"]), math.nan)
-                 - q.get((fam, ep, r["replicate"], r["arm"], setting), math.nan) for r in rs]
-        for m in measures:
-            xs = [float(r[m]) for r in rs]
-            for target, ys in (("measured_increase", [float(r["measured_increase"]) for r in rs]),
-                               (f"{setting} accuracy drop", drops)):
-                s = stats.spearman_interval(xs, ys)
-                rho.append({"family": fam, "epochs": ep, "w_bits": b, "measure": m, "damage": target, **s})
-    return per_arm, rho
-
-
 # ----------------------------------------------------------------------------- figures
 
 
@@ -261,21 +226,6 @@ def _setting_order(r: Mapping[str, Any]) -> tuple:
 # ----------------------------------------------------------------------------- Markdown
 
 
-def _f(v: Any, digits: int = 2, sign: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
-
-
-def _diff_cell(r: Mapping[str, Any] | None) -> str:
-    if not r or "diff_mean" not in r:
-        return "-"
-    if r["n_pairs"] < 2:
-        return f"{_f(r['diff_mean'], sign=True)} (1 pair)"
-    mark = {"better": " ▲", "worse": " ▼"}.get(r["verdict"], "")
-    return f"{_f(r['diff_mean'], sign=True)} [{_f(r['diff_ci_low'], sign=True)}, {_f(r['diff_ci_high'], sign=True)}]{mark}"
-
-
 def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mapping[str, Any]],
              calib: Sequence[Mapping[str, Any]], curv_arm: Sequence[Mapping[str, Any]],
              rho: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any], *, source: str, commit: str = "",
@@ -317,8 +267,8 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
         lines += ["| value | replicates | val FP acc | control val FP acc | val quantized acc | control val quantized acc "
                   "| eligible | chosen |", "|---|---|---|---|---|---|---|---|"]
         for c in search:
-            lines.append(f"| {_f(c['value'])} | {c['replicates']} | {_f(c['val_fp_accuracy'])} | "
-                         f"{_f(c['control_val_fp_accuracy'])} | {_f(c.get(qcol))} | {_f(c.get(ccol))} | "
+            lines.append(f"| {fmt(c['value'])} | {c['replicates']} | {fmt(c['val_fp_accuracy'])} | "
+                         f"{fmt(c['control_val_fp_accuracy'])} | {fmt(c.get(qcol))} | {fmt(c.get(ccol))} | "
                          f"{c['eligible']} | {'**yes**' if str(c['chosen']) == 'True' else ''} |")
         lines.append("")
     for fam in fams:
@@ -343,14 +293,14 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
             for s in settings:
                 c = cell.get((s["setting"], control))
                 lines.append(f"| {s['setting']} | {s['draws']} | "
-                             f"{_f(c['mean']) + ' ± ' + _f(c['std']) if c else '-'} | "
-                             + " | ".join(_diff_cell(cell.get((s["setting"], a))) for a in arms if a != control)
+                             f"{fmt(c['mean']) + ' ± ' + fmt(c['std']) if c else '-'} | "
+                             + " | ".join(diff_cell(cell.get((s["setting"], a))) for a in arms if a != control)
                              + " |")
             if own:
                 lines.append("")
             for r in own:
                 lines.append(f"`{r['arm']}` with its own learned quantizers (LSQ, attention matmuls in float): "
-                             f"{_f(r['mean'])} ± {_f(r['std'])} over {r['n']} replicates.")
+                             f"{fmt(r['mean'])} ± {fmt(r['std'])} over {r['n']} replicates.")
             n = max((r.get("n_pairs", 0) for r in rows), default=0)
             widths = [r["diff_half_width"] for r in rows if r.get("diff_half_width") is not None
                       and not math.isnan(r["diff_half_width"]) and r["bits"] in ("W4A4", "W3A3") and r["column"] == "mse"]
@@ -358,9 +308,9 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
             if widths:
                 lines.append(f"Replicates per difference: {n}. Half-width of the intervals at W4A4 and W3A3 with "
                              f"MSE: {min(widths):.2f} to {max(widths):.2f} points.")
-            better = [f"`{r['arm']}` at {r['setting']} ({_f(r['diff_mean'], sign=True)})" for r in rows
+            better = [f"`{r['arm']}` at {r['setting']} ({fmt(r['diff_mean'], sign=True)})" for r in rows
                       if r.get("verdict") == "better"]
-            worse = [f"`{r['arm']}` at {r['setting']} ({_f(r['diff_mean'], sign=True)})" for r in rows
+            worse = [f"`{r['arm']}` at {r['setting']} ({fmt(r['diff_mean'], sign=True)})" for r in rows
                      if r.get("verdict") == "worse"]
             lines.append("Distinguishable from the control: " + ("better: " + ", ".join(better) if better else
                                                                  "no arm is better anywhere")
@@ -372,8 +322,8 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                   "averaged over members, beside the standard deviation across replicates of the draw-averaged "
                   "accuracy.", "", "| family | setting | arm | calibration std | replicate std |", "|---|---|---|---|---|"]
         for r in sorted(calib, key=lambda r: (r["family"], _setting_order(r), r["arm"])):
-            lines.append(f"| {r['family']} | {r['setting']} | {r['arm']} | {_f(r['calibration_std'])} | "
-                         f"{_f(r['replicate_std'])} |")
+            lines.append(f"| {r['family']} | {r['setting']} | {r['arm']} | {fmt(r['calibration_std'])} | "
+                         f"{fmt(r['replicate_std'])} |")
         lines.append("")
     if curv_arm:
         lines += ["### Curvature of the fine-tuned models", "",
@@ -383,9 +333,9 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                   "| family | arm | W bits | trace | top eigenvalue | σ-weighted trace | predicted | first-order "
                   "| measured |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(curv_arm, key=lambda r: (r["family"], -r["w_bits"], r["arm"])):
-            lines.append(f"| {r['family']} | {r['arm']} | {r['w_bits']} | {_f(r['trace'], 0)} | "
-                         f"{_f(r['top_eigenvalue'], 1)} | {_f(r['sigma_trace'], 4)} | {_f(r['predicted_increase'], 4)} "
-                         f"| {_f(r['first_order'], 4, sign=True)} | {_f(r['measured_increase'], 4)} |")
+            lines.append(f"| {r['family']} | {r['arm']} | {r['w_bits']} | {fmt(r['trace'], 0)} | "
+                         f"{fmt(r['top_eigenvalue'], 1)} | {fmt(r['sigma_trace'], 4)} | {fmt(r['predicted_increase'], 4)} "
+                         f"| {fmt(r['first_order'], 4, sign=True)} | {fmt(r['measured_increase'], 4)} |")
         lines.append("")
     if rho:
         lines += ["### Does curvature rank the damage?", "",
@@ -393,7 +343,7 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                   f"over fewer than {stats.MIN_RANK_POINTS} models.", "",
                   "| family | W bits | measure | damage | models | ρ [95 % interval] |", "|---|---|---|---|---|---|"]
         for r in rho:
-            cellv = (f"{_f(r['rho'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]" if not math.isnan(r["rho"])
+            cellv = (f"{fmt(r['rho'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if not math.isnan(r["rho"])
                      else r["note"])
             lines.append(f"| {r['family']} | {r['w_bits']} | {r['measure']} | {r['damage']} | {r['n']} | {cellv} |")
         lines.append("")
@@ -421,8 +371,10 @@ def analyze(tables: Mapping[str, list[dict[str, Any]]], protocol: Mapping[str, A
     paired = paired_table(tables["ptq"], control=protocol.get("control", "plain"))
     curv_arm, rho = (curvature_summary(tables["curvature"], draw_means(tables["ptq"])) if tables.get("curvature")
                      else ([], []))
+    control = protocol.get("control", "plain")
     return {"paired": paired, "calibration": calibration_spread(tables["ptq"]), "curvature_by_arm": curv_arm,
-            "spearman": rho, "head_to_head": head_to_head(tables["ptq"], protocol)}
+            "spearman": rho, "head_to_head": head_to_head(tables["ptq"], protocol),
+            "curvature_paired": curvature_paired(tables.get("curvature") or [], control)}
 
 
 def head_to_head(ptq: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -447,6 +399,8 @@ def render(tables: Mapping[str, list[dict[str, Any]]], analysis: Mapping[str, li
            protocol: Mapping[str, Any], *, source: str, commit: str = "", links: str = "") -> str:
     text = markdown(tables, analysis["paired"], analysis["calibration"], analysis["curvature_by_arm"],
                     analysis["spearman"], protocol, source=source, commit=commit, links=links)
+    text = text.rstrip("\n") + "\n" + curvature_paired_markdown(analysis.get("curvature_paired") or [],
+                                                             protocol.get("control", "plain"))
     h2h = analysis.get("head_to_head") or []
     if not h2h:
         return text
@@ -459,7 +413,7 @@ def render(tables: Mapping[str, list[dict[str, Any]]], analysis: Mapping[str, li
     for key in sorted({(r["family"], r["epochs"], r["setting"]): r for r in h2h if r["bits"] != "own"}.values(),
                       key=lambda r: (r["family"], r["epochs"], _setting_order(r))):
         lines.append(f"| {key['setting']} | " + " | ".join(
-            _diff_cell(cell.get((key["family"], key["epochs"], key["setting"], o))) for o in others) + " |")
+            diff_cell(cell.get((key["family"], key["epochs"], key["setting"], o))) for o in others) + " |")
     return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
 
 
