@@ -303,3 +303,21 @@ def test_ptq_command_allocates_input_widths_within_their_budget(ptq_cli, one_tor
     assert "Amix(" in row["config"]
     with pytest.raises(ConfigError, match="--a-budget"):
         ptq_cli("--budget", "4", "--a-candidates", "8,4")
+
+
+@pytest.mark.parametrize("extra", [{}, {"bias_correction": True}, {"reconstruction": "adaround", "recon_iters": 1},
+                                   {"reconstruction": "brecq", "qdrop": 0.5, "recon_iters": 1}, {"repq": True}],
+                         ids=["rtn", "bc", "adaround", "qdrop", "repq"])
+def test_every_strong_ptq_option_keeps_the_per_layer_widths(extra, one_torch_thread):
+    from workbench import zoo
+
+    model, _, _ = zoo.load_init("zoo:vit-micro-mini-s0")
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    cfg = PTQConfig(w_bits=4, a_bits=4, observer="mse", n_calib=8, layer_bits={"blocks.0.attn.qkv": 2},
+                    layer_a_bits={"blocks.0.mlp.fc2": 3, "head": 6}, **extra)
+    mods = dict(quantize_model(model, cfg, [x]).model.named_modules())
+    assert mods["blocks.0.attn.qkv"].w_bits == 2 and mods["blocks.1.attn.qkv"].w_bits == 4
+    # a 2-bit symmetric grid: at most 3 values per output row, whatever the rounding method
+    assert all(len(torch.unique(row)) <= 3 for row in mods["blocks.0.attn.qkv"].weight_q)
+    assert mods["blocks.0.mlp.fc2"].input_quant.bits == 3 and mods["head"].input_quant.bits == 6
+    assert mods["blocks.1.mlp.fc2"].input_quant.bits == 4
