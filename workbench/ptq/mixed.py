@@ -323,7 +323,7 @@ def _allocation(sens: Sequence[LayerSensitivity], bits: Sequence[int], *, budget
                       sum(sa.params * b for sa, b in a_of.values()) / elements if elements else None, a_budget)
 
 
-def _check(budget: float, kind: str, candidates: Sequence[int]) -> list[int]:
+def _check(budget: float, kind: str, candidates: Sequence[int], what: str = "weight") -> list[int]:
     if kind not in BUDGET_KINDS:
         raise ConfigError(f"budget_kind must be one of {BUDGET_KINDS}, got {kind!r}")
     cands = sorted({check_bits(b, "candidate bits") for b in candidates})
@@ -332,8 +332,8 @@ def _check(budget: float, kind: str, candidates: Sequence[int]) -> list[int]:
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ConfigError(f"the budget must be a positive number, got {budget!r}")
     if kind == "bits" and budget < cands[0]:
-        raise ConfigError(f"an average of {budget:g} weight bits is impossible with candidates {cands}: the "
-                          f"fewest is {cands[0]} bits per weight everywhere")
+        raise ConfigError(f"an average of {budget:g} {what} bits is impossible with candidates {cands}: the "
+                          f"fewest is {cands[0]} bits per {what} everywhere")
     return cands
 
 
@@ -371,7 +371,7 @@ def allocate_bits(model: nn.Module, data: Any = None, budget: float = 4.0, *,
         if a_budget is None:
             raise ConfigError("per-layer activation widths need their own budget: give a_budget (average input "
                               "bits), or use budget_kind='bops', which prices weights and activations together")
-        _check(a_budget, "bits", a_cands)
+        _check(a_budget, "bits", a_cands, what="input")
     elif a_budget is not None:
         raise ConfigError("a_budget prices per-layer activation widths: give a_candidates too"
                           + (" (a bops budget already covers activations)" if budget_kind == "bops" else ""))
