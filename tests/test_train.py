@@ -157,11 +157,14 @@ def test_ctrl_c_then_resume_is_bit_identical_to_an_uninterrupted_run(small, tmp_
     ref = train.fit(ref_model, small, cfg, create_method(MethodConfig(**RESUME_METHODS[name])), progress=False)
     out = prepare_run_dir(tmp_path / "r")
     inner = create_method(MethodConfig(**RESUME_METHODS[name]))
+    # the handler the process started with: Python's default, or SIG_IGN when a shell without job
+    # control started it in the background (either way it must be the one put back)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):   # Ctrl-C during step 49 = epoch 2, batch 9: it stops after it
         train.fit(_model(2, width=8), small, cfg, _CtrlC(inner, at=49), out_dir=out, progress=False)
     last = checkpoint.load_checkpoint(out / "last.pt")
     assert last["progress"] == {"epoch": 1, "step_in_epoch": 9, "interrupted": True}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     model = _model(99, width=8)  # other initial weights: everything must come from last.pt
     res = train.fit(model, small, cfg, create_method(MethodConfig(**RESUME_METHODS[name])),
                     out_dir=prepare_run_dir(out, resume=True), resume=True, progress=False)
@@ -185,6 +188,7 @@ def test_resume_at_an_exception_raised_before_a_step(small, tmp_path):
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(small, tmp_path):
     cfg = train.TrainConfig(**RESUME_CFG)
     out = prepare_run_dir(tmp_path / "r")
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train.fit(_model(2, width=8), small, cfg, _CtrlC(TrainMethod(), at=45, times=2), out_dir=out,
                   progress=False)
@@ -192,7 +196,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_consistent_checkpoint(
     # the torn step is not saved: last.pt is still the end of epoch 1
     assert last["progress"] == {"epoch": 1, "step_in_epoch": 0, "interrupted": False}
     assert [r["epoch"] for r in last["extra"]["history"]] == [1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_refuses_a_different_recipe(small, tmp_path):
