@@ -137,13 +137,14 @@ def table_markdown(rows: list[dict[str, Any]], intro: str, keys: list[tuple[str,
 
 
 def _with_inputs(alloc: Allocation, a_sens: list[LayerSensitivity], a_bits: list[int], method: str) -> dict[str, Any]:
-    """The weight allocation with these input widths: its PTQConfig fields and prediction."""
+    """The weight allocation with these input widths: its PTQConfig fields and prediction (the
+    weights' part of ``alloc``, whose own total already holds its curvature-chosen inputs)."""
     a_map = {s.name: int(b) for s, b in zip(a_sens, a_bits)}
     elements = sum(s.params for s in a_sens)
+    predicted_a = sum(s.predicted(b) for s, b in zip(a_sens, a_bits))
     return {"method": method, "layer_a_bits": a_map,
             "average_a_bits": sum(s.params * b for s, b in zip(a_sens, a_bits)) / elements,
-            "predicted_a": sum(s.predicted(b) for s, b in zip(a_sens, a_bits)),
-            "predicted": alloc.predicted + sum(s.predicted(b) for s, b in zip(a_sens, a_bits))}
+            "predicted_a": predicted_a, "predicted": sum(r["predicted"] for r in alloc.layers) + predicted_a}
 
 
 def activation_main(args: Any, out: Path, labels: list[str], budgets: list[float]) -> None:
