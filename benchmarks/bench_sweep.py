@@ -25,7 +25,7 @@ import nbformat
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
-from workbench import runner
+from workbench.batch import sweep
 
 WORK = (
     "import time, torch\n"
@@ -61,7 +61,7 @@ def _grid(folder: Path, members: int, rounds: int) -> Path:
 
 def _one(grid: Path, out: Path, engine: str, jobs: int) -> dict:
     t0 = time.perf_counter()
-    res = runner.run_sweep(grid, out, jobs=jobs, engine=engine, html=False, progress=False, report=False)
+    res = sweep.run_sweep(grid, out, jobs=jobs, engine=engine, html=False, progress=False, report=False)
     wall = time.perf_counter() - t0
     n = len(res["jobs"])
     if res["failed"]:

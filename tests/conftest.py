@@ -43,7 +43,7 @@ def ptq_cli(tmp_path, capsys):
 
     from workbench import models
     from workbench.checkpoint import save_checkpoint
-    from workbench.ptq.command import add_ptq_parser, run_ptq_command
+    from workbench.cli.ptq import add_ptq_parser, run_ptq_command
 
     bundle = data.load("fashion-mnist-mini")
     model = models.create("cnn-small", num_classes=bundle.info.num_classes, in_chans=bundle.info.channels,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import runner
+from workbench.batch import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-p", "init=None", "-p", "data=digits", "-p", "model=cnn-small", "-p", 'model_args={"width": 8}', "-p", "epochs=1",
@@ -30,7 +30,7 @@ def test_workbench_run_from_the_repository_root_with_a_relative_out() -> None:
     rel = Path("runs") / f"pytest-main-job-{os.getpid()}"
     out = ROOT / rel
     try:
-        chosen = [nb.stem for nb in runner.list_notebooks() if nb.stem[:2] in SHARED]
+        chosen = [nb.stem for nb in execute.list_notebooks() if nb.stem[:2] in SHARED]
         p = subprocess.run([sys.executable, "-m", "workbench.cli", "run", "--out", str(rel), "--no-progress",
                             "--no-html", *TINY, *(a for nb in chosen for a in ("--notebook", nb))],
                            cwd=ROOT, capture_output=True, text=True, timeout=1200)

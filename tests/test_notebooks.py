@@ -14,7 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from workbench import nbtools, runner
+from workbench import nbtools
+from workbench.batch import execute
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
@@ -98,7 +99,7 @@ def test_parameters_cell(path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = _code_cells(nb)[0].source
     assigned = [ln.split("=")[0].strip() for ln in src.splitlines() if ln and not ln.startswith("#")]
     with caplog.at_level(logging.WARNING, logger="papermill"):
-        declared = runner.notebook_parameters(path)
+        declared = execute.notebook_parameters(path)
     assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()], "papermill must parse every line"
     assert list(declared) == assigned
     assert declared["out_dir"] == "None", "defaults write to a new folder, never a fixed one"
@@ -117,9 +118,9 @@ def test_parameters_cell(path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_profiles_only_name_declared_parameters() -> None:
-    declared = set().union(*(runner.notebook_parameters(p) for p in NOTEBOOKS))
+    declared = set().union(*(execute.notebook_parameters(p) for p in NOTEBOOKS))
     for name in nbtools.PROFILES:
-        assert set(runner.profile_params(name)) <= declared, name
+        assert set(execute.profile_params(name)) <= declared, name
 
 
 def test_pytest_collects_notebooks_with_nbval() -> None:

@@ -40,7 +40,7 @@ def test_the_cli_parser_loads_without_torch() -> None:
 
 
 def test_the_ptq_parser_offers_exactly_the_registered_observers() -> None:
-    from workbench.ptq.command import OBSERVER_NAMES
+    from workbench.cli.ptq import OBSERVER_NAMES
     from workbench.ptq.observers import OBSERVERS
 
     assert sorted(OBSERVER_NAMES) == sorted(OBSERVERS.names())

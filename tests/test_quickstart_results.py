@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import nbtools, runner, zoo
+from workbench import nbtools, zoo
+from workbench.batch import execute
 from workbench.nbparams import literal_defaults
 
 #: points a fine-tune may lose against its parent's full-precision accuracy on the same images
@@ -43,13 +44,13 @@ def _nbval_run(defaults: dict) -> Path | None:
 
 @pytest.mark.slow
 def test_quickstart_defaults_fine_tune_a_converged_parent_and_quantize_sensibly(tmp_path: Path) -> None:
-    nb = runner.resolve_notebook("00_quickstart")
-    defaults = runner.notebook_parameters(nb)
+    nb = execute.resolve_notebook("00_quickstart")
+    defaults = execute.notebook_parameters(nb)
     seeds = json.loads(defaults["seeds"])
     res = _nbval_run(literal_defaults(defaults))
     if res is None:
         res = tmp_path / "res"
-        row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {"out_dir": str(res)}, html=False)
+        row = execute.execute_notebook(nb, tmp_path / "executed.ipynb", {"out_dir": str(res)}, html=False)
         assert row["status"] == "ok", row.get("message")
     rows = json.loads((res / "ptq.json").read_text())
     acc = {(r["label"], r["config"], r["observer"]): r["accuracy"] for r in rows}

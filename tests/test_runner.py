@@ -1,4 +1,4 @@
-"""workbench.runner: papermill execution, sweeps, reports; fixture notebooks include broken ones.
+"""workbench.batch (execute, sweep, report, clean): papermill execution, sweeps, reports; fixture notebooks include broken ones.
 
 The fixture notebooks are tiny (no torch work), so most of the cost is kernel start-up. The
 real notebooks with non-default parameters run in the ``slow`` tests at the end.
@@ -15,7 +15,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from workbench import runner
+from workbench.batch import clean as nbclean
+from workbench.batch import execute, report, sweep
+from workbench.cli import common
+from workbench.cli import run as clirun
 from workbench.errors import ConfigError, NotebookError, RunDirError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def test_run_notebooks_layout_summary_report_and_kernel(nbdir: Path, tmp_path: P
                                                    "display_name": "decoy", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "decoy"))
     out = tmp_path / "run"
-    res = runner.run_notebooks(out, folder=nbdir, params={"x": 5}, progress=False)
+    res = execute.run_notebooks(out, folder=nbdir, params={"x": 5}, progress=False)
     assert [r["status"] for r in res["notebooks"]] == ["ok", "ok"], res
     assert not res["failed"]
     for stem in ("00_first", "01_second"):
@@ -76,20 +79,20 @@ def test_run_notebooks_layout_summary_report_and_kernel(nbdir: Path, tmp_path: P
     assert "00_first" in (out / "report.html").read_text()
     # never overwritten silently: the run folder, and the report
     with pytest.raises(RunDirError):
-        runner.run_notebooks(out, folder=nbdir, progress=False)
+        execute.run_notebooks(out, folder=nbdir, progress=False)
     with pytest.raises(RunDirError):
-        runner.make_report(out)
-    assert runner.make_report(out, overwrite=True)["csv"].is_file()
+        report.make_report(out)
+    assert report.make_report(out, overwrite=True)["csv"].is_file()
 
 
 def test_run_reports_failing_cell_and_goes_on(nbdir: Path, tmp_path: Path) -> None:
-    res = runner.run_notebooks(tmp_path / "run", folder=nbdir, params={"fail": True}, progress=False,
+    res = execute.run_notebooks(tmp_path / "run", folder=nbdir, params={"fail": True}, progress=False,
                                html=False, report=False)
     assert [r["status"] for r in res["notebooks"]] == ["failed", "failed"]
     r = res["notebooks"][0]
     assert r["error_name"] == "ValueError" and "not allowed" in r["error_value"]
     assert r["exec_count"] == 5  # parameters, injected parameters, 2 cells, then the failing one
-    text = runner.format_summary(res["notebooks"])
+    text = report.format_summary(res["notebooks"])
     assert "FAILED" in text and "cell [5]" in text and "ValueError" in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary) == 2
@@ -97,7 +100,7 @@ def test_run_reports_failing_cell_and_goes_on(nbdir: Path, tmp_path: Path) -> No
 
 def test_execute_notebook_raises_notebook_error(nbdir: Path, tmp_path: Path) -> None:
     with pytest.raises(NotebookError) as ei:
-        runner.execute_notebook(nbdir / "00_first.ipynb", tmp_path / "x.ipynb", {"fail": True}, html=False,
+        execute.execute_notebook(nbdir / "00_first.ipynb", tmp_path / "x.ipynb", {"fail": True}, html=False,
                                 raise_errors=True)
     e = ei.value
     assert e.notebook == "00_first" and e.error_name == "ValueError" and isinstance(e.cell_index, int)
@@ -105,11 +108,11 @@ def test_execute_notebook_raises_notebook_error(nbdir: Path, tmp_path: Path) -> 
 
 def test_run_checks_names_before_touching_the_folder(nbdir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no notebook has parameter"):
-        runner.run_notebooks(tmp_path / "a", folder=nbdir, params={"nope": 1}, progress=False)
+        execute.run_notebooks(tmp_path / "a", folder=nbdir, params={"nope": 1}, progress=False)
     with pytest.raises(ConfigError, match="unknown profile"):
-        runner.run_notebooks(tmp_path / "b", folder=nbdir, profile="huge", progress=False)
+        execute.run_notebooks(tmp_path / "b", folder=nbdir, profile="huge", progress=False)
     with pytest.raises(ConfigError, match="available"):
-        runner.run_notebooks(tmp_path / "c", folder=nbdir, notebooks=["99_missing"], progress=False)
+        execute.run_notebooks(tmp_path / "c", folder=nbdir, notebooks=["99_missing"], progress=False)
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
@@ -147,7 +150,7 @@ def test_relative_paths_mean_what_they_mean_where_the_command_was_typed(tmp_path
     shell = tmp_path / "shell"
     (shell / "ckpts").mkdir(parents=True)
     monkeypatch.chdir(shell)
-    res = runner.run_notebooks("rel-out", folder=nbs, params={"ckpt_dir": "ckpts"}, progress=False, html=False)
+    res = execute.run_notebooks("rel-out", folder=nbs, params={"ckpt_dir": "ckpts"}, progress=False, html=False)
     assert not res["failed"], res["failed"]
     assert Path(res["out"]) == shell / "rel-out"
     row = json.loads((shell / "rel-out" / "results" / "00_paths" / "summary.json").read_text())[0]
@@ -172,7 +175,7 @@ def test_sweep_runs_grid_in_processes_and_lists_failures(nbdir: Path, tmp_path: 
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"notebook: {nbdir / '00_first.ipynb'}\nparameters: {{x: 3}}\n"
                     "grid:\n  fail: [false, true]\n  x: [1, 2]\n")
-    res = runner.run_sweep(grid, tmp_path / "sweep", jobs=2, html=False, progress=False)
+    res = sweep.run_sweep(grid, tmp_path / "sweep", jobs=2, html=False, progress=False)
     assert [r["point"] for r in res["jobs"]] == [{"fail": False, "x": 1}, {"fail": False, "x": 2},
                                                  {"fail": True, "x": 1}, {"fail": True, "x": 2}]
     assert [r["status"] for r in res["jobs"]] == ["ok", "ok", "failed", "failed"]
@@ -188,23 +191,23 @@ def test_sweep_file_errors(tmp_path: Path, nbdir: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid: {x: [1]}\n")
     with pytest.raises(ConfigError, match="needs 'notebook'"):
-        runner.load_grid(bad)
+        sweep.load_grid(bad)
     bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{x: 1}}\n")
     with pytest.raises(ConfigError, match="non-empty lists"):
-        runner.load_grid(bad)
+        sweep.load_grid(bad)
     bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{y: [1]}}\n")
     with pytest.raises(ConfigError, match="no parameter"):
-        runner.run_sweep(bad, tmp_path / "s", progress=False)
+        sweep.run_sweep(bad, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
-    assert runner.grid_points({"a": [1, 2], "b": ["u"]}) == [{"a": 1, "b": "u"}, {"a": 2, "b": "u"}]
+    assert sweep.grid_points({"a": [1, 2], "b": ["u"]}) == [{"a": 1, "b": "u"}, {"a": 2, "b": "u"}]
     bad.write_text(f"notebook: {nbdir / '00_first.ipynb'}\ngrid: {{x: [1]}}\ninclude: [3]\n")
     with pytest.raises(ConfigError, match="'include' must be a list"):
-        runner.load_grid(bad)
+        sweep.load_grid(bad)
 
 
 def test_grid_include_points_cross_the_keys_they_leave_open() -> None:
     grid = {"method": ["plain", "dnq"], "seed": [0, 1]}
-    pts = runner.grid_points(grid, [{"method": "dnq", "w_bits": 3}, {"method": "sam", "seed": 5}])
+    pts = sweep.grid_points(grid, [{"method": "dnq", "w_bits": 3}, {"method": "sam", "seed": 5}])
     assert pts[:4] == [{"method": m, "seed": s} for m in ("plain", "dnq") for s in (0, 1)]
     assert pts[4:] == [{"method": "dnq", "seed": 0, "w_bits": 3}, {"method": "dnq", "seed": 1, "w_bits": 3},
                        {"method": "sam", "seed": 5}]
@@ -212,24 +215,34 @@ def test_grid_include_points_cross_the_keys_they_leave_open() -> None:
 
 def test_example_grid_is_valid() -> None:
     for path in sorted((ROOT / "notebooks" / "sweeps").glob("*.yaml")):
-        spec = runner.load_grid(path)
-        declared = runner.notebook_parameters(runner.resolve_notebook(spec["notebook"]))
+        spec = sweep.load_grid(path)
+        declared = execute.notebook_parameters(execute.resolve_notebook(spec["notebook"]))
         keys = set(spec["grid"]) | set(spec["parameters"]) | {k for p in spec["include"] for k in p}
         assert keys <= set(declared), path.name
 
 
 def test_parse_params() -> None:
-    p = runner.parse_params(["epochs=3", "methods=[plain, dnq]", "model_args={depth: 4}", "out_dir=None",
+    p = common.parse_kv(["epochs=3", "methods=[plain, dnq]", "model_args={depth: 4}", "out_dir=None",
                              "data=digits", "noise-mult=0.5"])
     assert p == {"epochs": 3, "methods": ["plain", "dnq"], "model_args": {"depth": 4}, "out_dir": None,
                  "data": "digits", "noise_mult": 0.5}
     with pytest.raises(ConfigError):
-        runner.parse_params(["epochs"])
+        common.parse_kv(["epochs"])
+
+
+def test_one_key_value_reader_for_every_flag() -> None:
+    """-p, --method-arg, --train-arg and --model-arg share one reader: JSON numbers (which YAML 1.1
+    would leave as the string '1e-3'), YAML lists and Python's True, the empty value as ''."""
+    p = common.parse_kv(["lr=1e-3", "swa_every=5", "flag=True", "name=", "bits=[4, 3]", "tag=a=b"], "--train-arg")
+    assert p == {"lr": 0.001, "swa_every": 5, "flag": True, "name": "", "bits": [4, 3], "tag": "a=b"}
+    assert isinstance(p["lr"], float) and isinstance(p["swa_every"], int)
+    with pytest.raises(ConfigError, match="--method-arg expects key=value"):
+        common.parse_kv(["noise_mult"], "--method-arg")
 
 
 def test_report_refuses_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="no workbench run"):
-        runner.make_report(tmp_path)
+        report.make_report(tmp_path)
 
 
 def test_cli_hooks_parse(tmp_path: Path) -> None:
@@ -237,7 +250,7 @@ def test_cli_hooks_parse(tmp_path: Path) -> None:
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
-    for add in (runner.add_run_parser, runner.add_sweep_parser, runner.add_report_parser):
+    for add in (clirun.add_run_parser, clirun.add_sweep_parser, clirun.add_report_parser):
         add(sub, lambda sp: sp.add_argument("--json", action="store_true"))
     a = p.parse_args(["run", "--out", "x", "-p", "epochs=1", "--profile", "full"])
     assert (a.profile, a.param, a.out) == ("full", ["epochs=1"], "x")
@@ -260,9 +273,9 @@ def test_cli_hooks_parse(tmp_path: Path) -> None:
                 "limit_train": 600, "limit_test": 200, "n_calib": 64, "bits": [8, 4]}),
 ])
 def test_real_notebook_with_other_parameters(notebook: str, params: dict, tmp_path: Path) -> None:
-    nb = runner.resolve_notebook(notebook)
-    params = {k: v for k, v in params.items() if k in runner.notebook_parameters(nb)}
-    row = runner.execute_notebook(nb, tmp_path / "executed.ipynb", {**params, "out_dir": str(tmp_path / "res")},
+    nb = execute.resolve_notebook(notebook)
+    params = {k: v for k, v in params.items() if k in execute.notebook_parameters(nb)}
+    row = execute.execute_notebook(nb, tmp_path / "executed.ipynb", {**params, "out_dir": str(tmp_path / "res")},
                                   html=True, cwd=nb.parent)
     assert row["status"] == "ok", row.get("message")
     run = json.loads((tmp_path / "res" / "run.json").read_text())
@@ -285,13 +298,13 @@ def test_clean_notebook_keeps_only_checked_outputs(tmp_path: Path) -> None:
     executed = tmp_path / "executed.ipynb"
     nb.cells[2].outputs = [new_output("stream", name="stdout", text="1\n")]
     nbformat.write(nb, executed)
-    assert runner.clean_notebook(path, executed) == 1
+    assert nbclean.clean_notebook(path, executed) == 1
     clean = nbformat.read(path, as_version=4)
     assert clean.cells[2].outputs[0]["text"] == "1\n" and clean.cells[2].execution_count == 2
     assert clean.cells[3].outputs == [] and "papermill" not in clean.metadata
     bare = _write_nb(tmp_path / "bare.ipynb", "x = 1", "# NBVAL_CHECK_OUTPUT\nprint(x)")
     with pytest.raises(ConfigError, match="no usable output"):
-        runner.clean_notebook(bare)
+        nbclean.clean_notebook(bare)
 
 
 def test_absolute_paths_only_touch_path_parameters(tmp_path: Path) -> None:

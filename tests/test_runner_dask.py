@@ -1,4 +1,4 @@
-"""workbench.runner on a Dask cluster: ``workbench sweep --engine dask``, with and without ``--address``.
+"""workbench.batch.sweep on a Dask cluster: ``workbench sweep --engine dask``, with and without ``--address``.
 
 A real scheduler and two one-thread workers run on localhost, started as subprocesses with the
 ``dask scheduler``/``dask worker`` command lines (as on a real cluster); one test kills the worker
@@ -24,7 +24,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from workbench import cli, runner
+from workbench import cli
+from workbench.batch import dask_engine, sweep, sweep_job
+from workbench.cli import run as clirun
 from workbench.errors import ConfigError
 
 pytest.importorskip("distributed")
@@ -163,7 +165,7 @@ def test_local_dask_cluster_without_retries_marks_the_lost_job_failed(tmp_path: 
     grid = _grid(tmp_path)
     killed: list[int] = []
     killer = _kill_when_running(tmp_path / "pid", killed)
-    res = runner.run_sweep(grid, tmp_path / "sweep", engine="dask", jobs=2, retries=0, html=False,
+    res = sweep.run_sweep(grid, tmp_path / "sweep", engine="dask", jobs=2, retries=0, html=False,
                            progress=False, report=False)
     killer.join(timeout=1)
     assert killed, "the sleeping job never started"
@@ -177,13 +179,13 @@ def test_local_dask_cluster_without_retries_marks_the_lost_job_failed(tmp_path: 
 
 
 def test_job_clears_a_killed_attempts_folder(tmp_path: Path) -> None:
-    grid = runner.load_grid(_grid(tmp_path))
+    grid = sweep.load_grid(_grid(tmp_path))
     folder = tmp_path / "sweep" / "jobs" / "000"
-    threads_before = {var: os.environ.get(var) for var in runner._THREAD_VARS}
+    threads_before = {var: os.environ.get(var) for var in sweep_job.THREAD_VARS}
     for stale in ("executed/member.ipynb", "results/attempt-1.txt", "results/figures/half.html"):
         (folder / stale).parent.mkdir(parents=True, exist_ok=True)
         (folder / stale).write_text("left by a killed attempt")
-    row = runner._job({"job": "000", "point": {"x": 2}, "notebook": grid["notebook"], "html": False,
+    row = sweep_job.run_job({"job": "000", "point": {"x": 2}, "notebook": grid["notebook"], "html": False,
                        "parameters": {"x": 2, "out_dir": str(folder / "results")}, "folder": str(folder),
                        "executed": str(folder / "executed" / "member.ipynb"), "threads": 1})
     # the notebook refuses an existing out_dir (as nbt.start does): without the clearing it would fail
@@ -193,7 +195,7 @@ def test_job_clears_a_killed_attempts_folder(tmp_path: Path) -> None:
     assert "left by" not in (folder / "executed" / "member.ipynb").read_text()
     # the member's thread count reached its kernel only: this process (and every kernel it starts
     # later, e.g. nbval's) keeps its own thread pools
-    assert {var: os.environ.get(var) for var in runner._THREAD_VARS} == threads_before
+    assert {var: os.environ.get(var) for var in sweep_job.THREAD_VARS} == threads_before
 
 
 def test_threads_by_host_share_each_hosts_cores() -> None:
@@ -204,14 +206,14 @@ def test_threads_by_host_share_each_hosts_cores() -> None:
                     "tcp://b:1": {"host": "b", "cpus": 8, "nthreads": 4},
                     "tcp://c:1": {"host": "c", "cpus": 2, "nthreads": 4}}
 
-    assert runner._threads_by_host(FakeClient()) == {"a": 8, "b": 2, "c": 1}
+    assert dask_engine.threads_by_host(FakeClient()) == {"a": 8, "b": 2, "c": 1}
 
     class NoWorkbench:
         def run(self, fn):  # how Dask reports a worker that cannot unpickle the function
             raise Exception("ModuleNotFoundError(\"No module named 'workbench'\")")
 
     with pytest.raises(ConfigError, match="install it on every worker"):
-        runner._threads_by_host(NoWorkbench())
+        dask_engine.threads_by_host(NoWorkbench())
 
 
 def test_engine_flags_and_their_errors(tmp_path: Path) -> None:
@@ -220,7 +222,7 @@ def test_engine_flags_and_their_errors(tmp_path: Path) -> None:
     import dask
 
     p = argparse.ArgumentParser()
-    runner.add_sweep_parser(p.add_subparsers(dest="command"), lambda sp: sp.add_argument("--json"))
+    clirun.add_sweep_parser(p.add_subparsers(dest="command"), lambda sp: sp.add_argument("--json"))
     a = p.parse_args(["sweep", "g.yaml", "--out", "y", "--engine", "dask", "--address", "tcp://h:8786",
                       "--retries", "2"])
     assert (a.engine, a.address, a.retries) == ("dask", "tcp://h:8786", 2)
@@ -233,5 +235,5 @@ def test_engine_flags_and_their_errors(tmp_path: Path) -> None:
                               ({"engine": "dask", "retries": -1}, "retries must be"),
                               ({"engine": "dask", "address": "tcp://127.0.0.1:9"}, "no Dask scheduler answers")]:
             with pytest.raises(ConfigError, match=match):
-                runner.run_sweep(grid, tmp_path / "s", progress=False, **kwargs)
+                sweep.run_sweep(grid, tmp_path / "s", progress=False, **kwargs)
     assert not (tmp_path / "s").exists()

@@ -10,62 +10,63 @@ from pathlib import Path
 
 import pytest
 
-from workbench import study
+from workbench.batch import scratch_member, scratch_report, scratch_study, scratch_summary
 from workbench.errors import ConfigError, RunDirError
+from workbench.quant import parse_bits_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_config() -> None:
-    assert study.parse_config("W4A8") == (4, 8)
-    assert study.parse_config("w8a32") == (8, None)
-    assert study.parse_config("W32A4") == (None, 4)
+    assert parse_bits_pair("W4A8") == (4, 8)
+    assert parse_bits_pair("w8a32") == (8, None)
+    assert parse_bits_pair("W32A4") == (None, 4)
     for bad in ("4/4", "A4W4", "W4A", ""):
         with pytest.raises(ConfigError, match="cannot read bit widths"):
-            study.parse_config(bad)
+            parse_bits_pair(bad)
     with pytest.raises(ConfigError):
-        study.parse_config("W1A8")  # 1 bit is out of range
+        parse_bits_pair("W1A8")  # 1 bit is out of range
 
 
 def test_ptq_grid_crosses_bits_observers_attention() -> None:
-    cfgs = study.ptq_grid(["W8A8", "W4A4", "W2A4"], ["minmax", "percentile"], [True, False], n_calib=64)
+    cfgs = scratch_member.ptq_grid(["W8A8", "W4A4", "W2A4"], ["minmax", "percentile"], [True, False], n_calib=64)
     assert len(cfgs) == 12
     assert [(c.w_bits, c.a_bits) for c in cfgs[::4]] == [(8, 8), (4, 4), (2, 4)]
     assert {(c.observer, c.quant_attn) for c in cfgs} == {("minmax", True), ("minmax", False),
                                                            ("percentile", True), ("percentile", False)}
     assert all(c.n_calib == 64 and c.w_per_channel for c in cfgs)
     with pytest.raises(ConfigError):
-        study.ptq_grid(["W1A8"])  # 1 bit is out of range
+        scratch_member.ptq_grid(["W1A8"])  # 1 bit is out of range
     with pytest.raises(ConfigError, match="at least one"):
-        study.ptq_grid([])
+        scratch_member.ptq_grid([])
 
 
 def test_load_study_checks_keys(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text("grid: {seed: [0]}\nsearch: {grid: {noise_mult: [1, 2]}}\n")
-    spec = study.load_study(f)
-    assert spec["notebook"] == study.MEMBER_NOTEBOOK
+    spec = scratch_study.load_study(f)
+    assert spec["notebook"] == scratch_member.MEMBER_NOTEBOOK
     assert spec["search"]["select"] == {"config": "W4A4", "observer": "minmax", "reference": "plain",
                                         "max_fp_loss": 0.5}
     f.write_text("grid: {seed: [0]}\nseeds: 3\n")
     with pytest.raises(ConfigError, match="unknown key"):
-        study.load_study(f)
+        scratch_study.load_study(f)
     f.write_text("search: {parameters: {method: dnq}}\n")
     with pytest.raises(ConfigError, match="'search' needs a 'grid'"):
-        study.load_study(f)
+        scratch_study.load_study(f)
     f.write_text("search: {grid: {noise_mult: [1]}, select: {config: four}}\n")
     with pytest.raises(ConfigError, match="cannot read bit widths"):
-        study.load_study(f)
+        scratch_study.load_study(f)
 
 
 def test_the_shipped_study_files_are_valid() -> None:
-    from workbench import runner
+    from workbench.batch import execute
 
     files = sorted((ROOT / "docs" / "study").glob("*.yaml"))
     assert files
     for f in files:
-        spec = study.load_study(f)
-        declared = runner.notebook_parameters(runner.resolve_notebook(spec["notebook"]))
+        spec = scratch_study.load_study(f)
+        declared = execute.notebook_parameters(execute.resolve_notebook(spec["notebook"]))
         keys = set(spec["parameters"]) | set(spec["grid"]) | {k for p in spec["include"] for k in p}
         if spec.get("search"):
             s = spec["search"]
@@ -91,7 +92,7 @@ def _member(job: str, label: str, seed: int, fp: float, q: dict[str, float], *, 
     ptq = [{"method": method, "config": "FP32", "w_bits": None, "a_bits": None, "observer": None, "quant_attn": None,
             "accuracy": fp, "loss": 0.5, "label": label, "split": split, "drop": 0.0, "loss_increase": 0.0}]
     for cfg, acc in q.items():
-        w, a = study.parse_config(cfg)
+        w, a = parse_bits_pair(cfg)
         ptq.append({"method": method, "config": cfg, "w_bits": w, "a_bits": a, "observer": "minmax", "quant_attn": True,
                     "accuracy": acc, "loss": 0.6, "label": label, "split": split, "drop": fp - acc,
                     "loss_increase": 0.1})
@@ -126,7 +127,7 @@ def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
     ]
     points = [{"noise_mult": 0.5}, {"noise_mult": 1.0}, {"noise_mult": 2.0}, {"method": "plain", "noise_mult": 1.0}]
     folder = _write_sweep(tmp_path / "search", members, points)
-    sel = study.select_search(folder, {"config": "W4A4", "observer": "minmax", "reference": "plain",
+    sel = scratch_study.select_search(folder, {"config": "W4A4", "observer": "minmax", "reference": "plain",
                                        "max_fp_loss": 0.5}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 1.0} and sel["constrained"]
     by_k = {r["noise_mult"]: r for r in sel["table"]}
@@ -134,10 +135,10 @@ def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
     assert by_k[1.0]["chosen"] and not by_k[2.0]["chosen"]
     assert by_k[None]["label"] == "plain (reference)" and by_k[None]["val_W4A4_accuracy"] == 70.0
     # with no budget the highest quantized accuracy wins
-    sel = study.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
+    sel = scratch_study.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 2.0}
     # nobody within budget: the best overall, and the rule says so
-    sel = study.select_search(folder, {"config": "W4A4", "max_fp_loss": -5.0}, ["noise_mult"])
+    sel = scratch_study.select_search(folder, {"config": "W4A4", "max_fp_loss": -5.0}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 2.0} and not sel["constrained"] and "none qualified" in sel["rule"]
 
 
@@ -160,15 +161,15 @@ def _main_members() -> list[dict]:
 def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
     members = _main_members()
     folder = _write_sweep(tmp_path / "main", members, [{} for _ in members], failed=("012",))
-    got = study.collect_sweep(folder)
+    got = scratch_study.collect_sweep(folder)
     assert len(got["members"]) == 12 and [f["job"] for f in got["failed"]] == ["012"]
-    rows = {r["label"]: r for r in study.summarize(got, ["W4A4", "W3A3"])["rows"]}
+    rows = {r["label"]: r for r in scratch_summary.summarize(got, ["W4A4", "W3A3"])["rows"]}
     assert list(rows) == ["plain", "dnq", "sam", "swa"]  # the canonical method order
     assert rows["dnq"]["fp_accuracy"] == pytest.approx(statistics.fmean([83.8, 84.1, 83.9]))
     assert rows["dnq"]["W4A4_minmax_accuracy_std"] == pytest.approx(statistics.stdev([82.5, 82.9, 82.4]))
     assert rows["plain"]["W3A3_minmax_drop"] == pytest.approx(statistics.fmean([24.0, 26.4, 21.8]))
     assert rows["sam"]["time_vs_plain"] == pytest.approx(2.0) and rows["dnq"]["time_vs_sam"] == pytest.approx(0.55)
-    effects = {(e["config"], e["arm"]): e for e in study.paired_effects(got, "vit-micro")}
+    effects = {(e["config"], e["arm"]): e for e in scratch_summary.paired_effects(got, "vit-micro")}
     # dnq - plain at W4A4 per seed: 82.5-78.0, 82.9-77.0, 82.4-78.5
     d = effects[("W4A4", "dnq")]
     assert d["n_pairs"] == 3 and d["diff_mean"] == pytest.approx(statistics.fmean([4.5, 5.9, 3.9]))
@@ -181,7 +182,7 @@ def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
 
 def test_spearman_table_ranks_members(tmp_path: Path) -> None:
     members = _main_members()
-    got = study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
+    got = scratch_study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
     # each measure orders the 12 members differently against the measured increase 1..12;
     # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) with n (n^2 - 1) = 1716
     n = len(got["members"])
@@ -189,14 +190,14 @@ def test_spearman_table_ranks_members(tmp_path: Path) -> None:
     for i, m in enumerate(got["members"]):
         m.update(measured_increase_w4=float(i + 1), trace=10.0 * (i + 1), top_eigenvalue=float(n - i),
                  sigma_trace_w4=float([1, 0, *range(2, n)][i]), predicted_increase_w4=float(swapped_pairs[i]))
-    rho = {r["damage"]: r for r in study.spearman_table(got)}["measured_increase_w4"]
+    rho = {r["damage"]: r for r in scratch_summary.spearman_table(got)}["measured_increase_w4"]
     assert rho["trace"] == pytest.approx(1.0)
     assert rho["top_eigenvalue"] == pytest.approx(-1.0)
     assert rho["sigma_trace_w4"] == pytest.approx(1 - 6 * 2 / 1716)
     assert rho["predicted_increase_w4"] == pytest.approx(1 - 6 * 12 / 1716)
     # below 5 members no rank correlation is printed
     few = {**got, "members": got["members"][:4]}
-    assert all(math.isnan(r["trace"]) for r in study.spearman_table(few))
+    assert all(math.isnan(r["trace"]) for r in scratch_summary.spearman_table(few))
 
 
 def test_report_splices_into_markdown_and_keeps_the_rest(tmp_path: Path) -> None:
@@ -205,11 +206,11 @@ def test_report_splices_into_markdown_and_keeps_the_rest(tmp_path: Path) -> None
     _write_sweep(out / "main", members, [{} for _ in members])
     md = tmp_path / "docs" / "results.md"
     md.parent.mkdir()
-    md.write_text(f"# Results\n\nIntro by hand.\n\n{study.BEGIN}\nold numbers\n{study.END}\n\n## Discussion\nkept\n")
-    paths = study.write_report(out, dest=tmp_path / "docs" / "results" / "study", md=md, bits=["W4A4", "W3A3"])
+    md.write_text(f"# Results\n\nIntro by hand.\n\n{scratch_report.BEGIN}\nold numbers\n{scratch_report.END}\n\n## Discussion\nkept\n")
+    paths = scratch_report.write_report(out, dest=tmp_path / "docs" / "results" / "study", md=md, bits=["W4A4", "W3A3"])
     text = md.read_text()
     assert text.startswith("# Results\n\nIntro by hand.") and text.endswith("## Discussion\nkept\n")
-    assert "old numbers" not in text and text.count(study.BEGIN) == 1
+    assert "old numbers" not in text and text.count(scratch_report.BEGIN) == 1
     assert "| dnq | 83.93 ± 0.15 | 82.60 ± 0.26 | 77.90 ± 0.36 |" in text
     assert "(results/study/figures/accuracy_vs_bits_vit-micro.html)" in text
     for name in ("members.csv", "ptq.csv", "summary.csv", "spearman.csv", "figures/trace_vs_drop_vit-micro.html",
@@ -219,7 +220,7 @@ def test_report_splices_into_markdown_and_keeps_the_rest(tmp_path: Path) -> None
     empty = tmp_path / "empty"
     _write_sweep(empty / "main", [], [])
     with pytest.raises(RunDirError, match="no study member finished"):
-        study.write_report(empty)
+        scratch_report.write_report(empty)
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
         "  parameters: {method: dnq, val_size: 200}\n"
         "  grid: {noise_mult: [2.0]}\n"
         "  include: [{method: plain, noise_mult: 1.0}]\n")
-    res = study.run_study(spec, tmp_path / "out", jobs=1, html=False, progress=False,
+    res = scratch_study.run_study(spec, tmp_path / "out", jobs=1, html=False, progress=False,
                           md=tmp_path / "results.md")
     assert res["selected"] == {"noise_mult": 2.0}
     assert not res["main"]["failed"] and not res["search"]["failed"]
@@ -245,26 +246,26 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     assert members[0]["method"] == "dnq" and members[0]["noise_mult"] == 2.0 and members[0]["split"] == "test"
     search = json.loads((tmp_path / "out" / "search" / "jobs" / "000" / "results" / "member.json").read_text())
     assert search[0]["split"] == "val"
-    assert (tmp_path / "out" / "notebook" / f"{study.MEMBER_NOTEBOOK}.ipynb").is_file()
+    assert (tmp_path / "out" / "notebook" / f"{scratch_member.MEMBER_NOTEBOOK}.ipynb").is_file()
     assert "Noise multiplier search" in (tmp_path / "results.md").read_text()
     # another observer added afterwards from the saved checkpoints, without retraining
-    added = study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
+    added = scratch_study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
     assert sorted(r["job"] for r in added) == ["000", "001"] and all(r["rows"] == 1 for r in added)
-    got = study.collect_sweep(tmp_path / "out" / "main")
+    got = scratch_study.collect_sweep(tmp_path / "out" / "main")
     pct = [r for r in got["ptq"] if r["observer"] == "percentile"]
     assert len(pct) == 2 and sum(r["config"] == "FP32" for r in got["ptq"]) == 2  # no duplicate FP rows
     fp = {r["job"]: r["accuracy"] for r in got["ptq"] if r["config"] == "FP32"}
     assert all(r["drop"] == pytest.approx(fp[r["job"]] - r["accuracy"]) for r in pct)  # same data, same FP
     with pytest.raises(RunDirError, match="already has ptq_percentile"):
-        study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
+        scratch_study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
     # the main sweep again (one member), reusing the finished search instead of searching again
     spec.write_text(spec.read_text().replace("grid: {method: [plain, dnq]}", "grid: {method: [dnq]}"))
-    res2 = study.run_study(spec, tmp_path / "out2", html=False, progress=False, search_from=tmp_path / "out")
+    res2 = scratch_study.run_study(spec, tmp_path / "out2", html=False, progress=False, search_from=tmp_path / "out")
     assert res2["selected"] == {"noise_mult": 2.0} and "search" not in res2
     assert len(res2["main"]["jobs"]) == 1 and not res2["main"]["failed"]
     assert json.loads((tmp_path / "out2" / "selected.json").read_text())["reused_from"] == str(tmp_path / "out")
     with pytest.raises(RunDirError, match="no finished search"):
-        study.run_study(spec, tmp_path / "out3", search_from=tmp_path / "out2" / "main")
+        scratch_study.run_study(spec, tmp_path / "out3", search_from=tmp_path / "out2" / "main")
     assert not (tmp_path / "out3").exists()
 
 
@@ -283,9 +284,9 @@ def test_sweeps_added_to_a_study_are_merged(tmp_path: Path) -> None:
     _write_sweep(tmp_path / "main", members[:6], [{} for _ in members[:6]])
     _write_sweep(tmp_path / "main-extra", [{**m, "job": f"{i:03d}"} for i, m in enumerate(members[6:])],
                  [{} for _ in members[6:]])
-    got = study.collect_study(tmp_path)
+    got = scratch_study.collect_study(tmp_path)
     assert len(got["members"]) == 12 and len({m["job"] for m in got["members"]}) == 12
     assert {m["job"] for m in got["members"] if m["job"].startswith("main-extra/")} == \
         {f"main-extra/{i:03d}" for i in range(6)}
-    rows = {r["label"]: r for r in study.summarize(got, ["W4A4"])["rows"]}
+    rows = {r["label"]: r for r in scratch_summary.summarize(got, ["W4A4"])["rows"]}
     assert rows["sam"]["seeds"] == 3 and rows["sam"]["W4A4_minmax_accuracy"] == pytest.approx(80.1333, abs=1e-3)

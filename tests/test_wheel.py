@@ -75,8 +75,8 @@ def test_wheel_in_a_fresh_venv_has_data_zoo_and_notebooks(tmp_path: Path) -> Non
     assert again.returncode != 0 and "--overwrite" in again.stderr  # an edited copy is never replaced silently
     params = {"init": "zoo:cnn-small-mini", "epochs": 0, "seeds": [0], "limit_train": 500, "limit_test": 200,
               "n_calib": 64, "bits": ["W4A4"], "observers": ["minmax"], "out_dir": str(elsewhere / "res")}
-    code = ("import json, sys; from workbench import runner; "
-            "row = runner.execute_notebook(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), html=False, "
+    code = ("import json, sys; from workbench.batch import execute; "
+            "row = execute.execute_notebook(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), html=False, "
             "cwd=sys.argv[4]); print(json.dumps(row))")
     row = json.loads(_run([str(py), "-c", code, str(elsewhere / "nbs" / "00_quickstart.ipynb"),
                            str(elsewhere / "executed.ipynb"), json.dumps(params), str(elsewhere / "nbs")],

@@ -154,7 +154,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def write_csv(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -169,7 +169,7 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: _json_default(v) if _is_array_scalar(v) else v for k, v in r.items()})
+        w.writerow({k: json_default(v) if _is_array_scalar(v) else v for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -178,7 +178,7 @@ def _is_array_scalar(v: Any) -> bool:
     return bool((torch is not None and isinstance(v, torch.Tensor)) or (np is not None and isinstance(v, np.generic)))
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     torch, np = _loaded("torch"), _loaded("numpy")
     if torch is not None and isinstance(o, torch.Tensor):
         return o.item() if o.numel() == 1 else o.tolist()

@@ -8,7 +8,10 @@
   gathers the tidy tables.
 * :mod:`workbench.batch.finetune_report`: paired differences with intervals, figures and the
   Markdown report.
-
-Older batch code (notebook runs, sweeps, the from-scratch study) still sits in
-``workbench.runner`` and ``workbench.study``.
+* :mod:`workbench.batch.execute`, :mod:`~workbench.batch.sweep` (with
+  :mod:`~workbench.batch.sweep_job` and :mod:`~workbench.batch.dask_engine`),
+  :mod:`~workbench.batch.report` and :mod:`~workbench.batch.clean`: the notebooks run headless, one
+  at a time, over a grid, locally or on Dask, and summarized.
+* ``scratch_member``, ``scratch_study``, ``scratch_summary``, ``scratch_report``: the from-scratch
+  study (notebook 06 over seeds and methods).
 """

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import zoo
+from .. import zoo
+from .common import AddJson, register
 
 
-def add_zoo_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+def add_zoo_parser(sub: Any, add_json: AddJson) -> None:
     p = sub.add_parser("zoo", help="the reference model zoo: trained parents to fine-tune from (--init zoo:NAME)")
     zsub = p.add_subparsers(dest="zoo_command", required=True)
     add_json(zsub.add_parser("list", help="the entries, whether each is here, and its accuracy"))
@@ -43,14 +44,14 @@ def run_zoo_command(args: Any) -> int:
 
 
 def _build(args: Any) -> int:
-    from .cli import main as cli_main
-    from .runinfo import prepare_run_dir
+    from ..runinfo import prepare_run_dir
+    from . import main as cli_main
 
     names = zoo.ZOO.names() if args.names == ["all"] else [zoo.ZOO.get(n).name for n in args.names]
     published = zoo.manifest(args.dest)
     clash = [n for n in names if n in published and not args.overwrite]
     if clash:  # checked before hours of training, not after
-        from .errors import RunDirError
+        from ..errors import RunDirError
 
         raise RunDirError(f"zoo entries {clash} exist; pass --overwrite to replace them")
     work = Path(args.work).expanduser().resolve()
@@ -71,3 +72,6 @@ def _build(args: Any) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
     return 0
+
+
+register("zoo", add_zoo_parser, run_zoo_command)

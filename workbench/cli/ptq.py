@@ -1,24 +1,21 @@
-"""``workbench ptq``: argument parser and runner, for :mod:`workbench.cli` to register.
-
-Kept apart from the compute modules so they never import the CLI; this module only uses
-argparse objects it is given.
-"""
+"""``workbench ptq``: a post-training quantization sweep over checkpoints, or a mixed-precision
+allocation under a budget (``--budget``)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
+from .common import AddJson, register
 
 #: What ``--observer`` accepts: the observer registry's names (a test keeps the two equal); the
 #: parser does not import the registry, so that ``workbench --help`` does not load torch.
 OBSERVER_NAMES = ("minmax", "percentile", "mse")
 
 
-def add_ptq_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+def add_ptq_parser(sub: Any, add_json: AddJson) -> None:
     """Add the ``ptq`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("ptq", help="post-training quantization sweep over checkpoints")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -68,10 +65,10 @@ def run_budget_command(args: Any) -> int:
     calibration images, then quantize and evaluate each allocation."""
     import torch
 
+    from ..ptq.analysis import SWEEP_COLUMNS, checkpoint_data, format_table, sweep
+    from ..ptq.mixed import activation_sensitivities, allocate_bits, layer_sensitivities
     from ..quant import check_bits
     from ..runinfo import resolve_device
-    from .analysis import SWEEP_COLUMNS, checkpoint_data, format_table, sweep
-    from .mixed import activation_sensitivities, allocate_bits, layer_sensitivities
 
     if args.bits or args.wbits:
         raise ConfigError("--budget chooses the weight bits per layer: give --abits for the activations, "
@@ -126,9 +123,9 @@ def run_ptq_command(args: Any) -> int:
     """Run the sweep described by parsed ``args``; print a table (or JSON rows with --json)."""
     if getattr(args, "budget", None):
         return run_budget_command(args)
+    from ..ptq.analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
+    from ..ptq.engine import PTQConfig
     from ..runinfo import resolve_device
-    from .analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
-    from .engine import PTQConfig
 
     bits = args.bits if (args.bits or args.wbits or args.abits) else "8,6,4,3"
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,
@@ -147,3 +144,6 @@ def run_ptq_command(args: Any) -> int:
     else:
         print(format_table(rows, SWEEP_COLUMNS))
     return 0
+
+
+register("ptq", add_ptq_parser, run_ptq_command)

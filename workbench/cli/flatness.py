@@ -1,18 +1,16 @@
-"""``workbench flatness``: argument parser and runner, for :mod:`workbench.cli` to register.
-
-Kept apart from the compute modules (:mod:`workbench.flatness`, :mod:`workbench.landscape`),
-which never import the CLI.
-"""
+"""``workbench flatness``: Hessian trace, eigenvalues and density, the predicted PTQ damage, and
+loss landscapes of a checkpoint (:mod:`workbench.flatness`, :mod:`workbench.landscape`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import AddJson, register
 
 
-def add_flatness_parser(sub: Any, add_json: Callable[[Any], None]) -> None:
+def add_flatness_parser(sub: Any, add_json: AddJson) -> None:
     """Add the ``flatness`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("flatness", help="Hessian trace/eigenvalues/density, predicted PTQ damage, landscapes")
     p.add_argument("checkpoint", metavar="CKPT")
@@ -45,7 +43,7 @@ def _bits(text: str | None, flag: str = "--wbits") -> list[int] | None:
         bits = [int(b) for b in str(text).split(",") if b.strip()]
     except ValueError:
         raise ConfigError(f"{flag}: cannot read bit widths from {text!r}: write e.g. 4,3") from None
-    from .quant import check_bits
+    from ..quant import check_bits
 
     return [check_bits(b, flag) for b in bits]
 
@@ -75,11 +73,11 @@ def run_flatness_command(args: Any) -> int:
     """Load the checkpoint and its data, compute the asked-for measures, print them."""
     import torch
 
-    from . import data
-    from .checkpoint import load_model, recorded_data_params
-    from .flatness import flatness_report
-    from .landscape import landscape_1d, landscape_2d
-    from .runinfo import _json_default, resolve_device
+    from .. import data
+    from ..checkpoint import load_model, recorded_data_params
+    from ..flatness import flatness_report
+    from ..landscape import landscape_1d, landscape_2d
+    from ..runinfo import json_default, resolve_device
 
     check_args(args)
     w_bits, a_bits = _bits(args.wbits, "--wbits") or [4], _bits(args.abits, "--abits")
@@ -113,7 +111,7 @@ def run_flatness_command(args: Any) -> int:
     report.update(checkpoint=str(args.checkpoint), data=name, model=ckpt["model_spec"]["name"],
                   method=ckpt.get("method_config", {}).get("method", "plain"))
     if args.json:
-        print(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(report, indent=2, default=json_default))
         return 0
     print(f"{report['model']} ({report['method']}) on {report['samples']} {name} training images: "
           f"loss {report['loss']:.4f}, accuracy {100 * report['accuracy'] if report['accuracy'] <= 1 else report['accuracy']:.2f}%")
@@ -136,3 +134,6 @@ def run_flatness_command(args: Any) -> int:
     if "landscape" in report:
         print(f"landscape {args.landscape}: {len(json.dumps(report['landscape']))} bytes (use --json to get it)")
     return 0
+
+
+register("flatness", add_flatness_parser, run_flatness_command)
