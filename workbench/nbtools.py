@@ -16,7 +16,6 @@ compute modules never import it.
 from __future__ import annotations
 
 import copy
-import html
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from . import data as wdata
 from . import models as wmodels
 from .errors import CheckpointError, ConfigError
 from .runinfo import prepare_run_dir, resolve_device, run_metadata, set_seed, write_csv, write_json
+from .tables import Table
 
 log = logging.getLogger(__name__)
 
@@ -515,51 +515,6 @@ def compare(trained: dict[str, Trained], ptq: Sequence[dict[str, Any]]) -> list[
                     "fp_accuracy": r["accuracy"] + r["drop"], "quant_accuracy": r["accuracy"], "drop": r["drop"],
                     "step_time_s": t.summary()["step_time_s"] if t else None})
     return out
-
-
-def _fmt(v: Any, digits: int) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.{digits}f}" if v == 0 or 10 ** -digits <= abs(v) < 1e6 else f"{v:.{digits}g}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x, digits) for x in v)
-    return str(v)
-
-
-class Table:
-    """Tidy rows shown as an HTML table in JupyterLab and as fixed-width text elsewhere (no pandas)."""
-
-    def __init__(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 2,
-                 title: str | None = None) -> None:
-        self.rows = [dict(r) for r in rows]
-        cols: list[str] = list(columns or [])
-        if not cols:
-            for r in self.rows:
-                cols += [k for k in r if k not in cols]
-        self.columns, self.digits, self.title = cols, digits, title
-
-    def cells(self) -> list[list[str]]:
-        return [[_fmt(r.get(c), self.digits) for c in self.columns] for r in self.rows]
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return "(no rows)"
-        cells = self.cells()
-        widths = [max(len(c), *(len(t[i]) for t in cells)) for i, c in enumerate(self.columns)]
-        lines = ([self.title] if self.title else []) + ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths))]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in cells]
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.cells())
-        cap = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
-        return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 2,

@@ -8,13 +8,13 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import stats
+from .. import stats, tables
 
 
 def fmt(v: Any, digits: int = 2, sign: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    """The report's numbers: :func:`workbench.tables.fmt` with fixed decimals, so that a column of
+    differences and intervals reads aligned."""
+    return tables.fmt(v, digits, sign=sign, fixed=True)
 
 
 def diff_cell(r: Mapping[str, Any] | None, digits: int = 2) -> str:

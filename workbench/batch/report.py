@@ -92,7 +92,7 @@ def _point_of(meta: dict[str, Any], job: str) -> dict[str, Any]:
 
 
 def _html_table(rows: Sequence[dict[str, Any]], limit: int = 200) -> str:
-    from ..nbtools import Table
+    from ..tables import Table
 
     if not rows:
         return "<p><i>(no rows)</i></p>"

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..runinfo import atomic_write_text, write_csv
+from ..tables import markdown_table
 from .scratch_study import DEFAULT_BITS, collect_study
 from .scratch_summary import config_order, effect_cells, paired_effects, spearman_table, summarize
 
@@ -20,25 +21,6 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 
 # ---------------------------------------------------------------------------------------
 # report
-
-
-def _md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(title for _, title in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = []
-    for r in rows:
-        cells = []
-        for key, _ in columns:
-            v = r.get(key, "")
-            if v is None:
-                v = "–"
-            elif isinstance(v, bool):
-                v = "yes" if v else "no"
-            elif isinstance(v, float):
-                v = "–" if math.isnan(v) else (f"{v:.3g}" if abs(v) < 0.01 or abs(v) >= 1e4 else f"{v:.2f}")
-            cells.append(str(v))
-        body.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, sep, *body])
 
 
 def _num(v: float, digits: int | None) -> str:
@@ -67,7 +49,7 @@ def _pm_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]
     cols = [_pm_col(rows, k, digits) for k, _ in present]
     table = [{**{k: r.get(k) for k, _ in keep}, **{t: c[i] for (_, t), c in zip(present, cols)}}
              for i, r in enumerate(rows)]
-    return _md_table(table, [*keep, *((t, t) for _, t in present)])
+    return markdown_table(table, [*keep, *((t, t) for _, t in present)])
 
 
 def study_figures(got: Mapping[str, list[dict[str, Any]]], summary: Sequence[dict[str, Any]],
@@ -182,7 +164,7 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
         lines += ["### Noise multiplier search (validation split carved from the training set)", "",
                   f"Rule: {selected['rule']}. Chosen: "
                   + ", ".join(f"`{k}={v}`" for k, v in selected["values"].items()) + ".", "",
-                  _md_table(selected["table"], [("label", "method"), *((k, k) for k in keys),
+                  markdown_table(selected["table"], [("label", "method"), *((k, k) for k in keys),
                                                 ("val_fp_accuracy", "val FP acc"),
                                                 ("reference_fp_accuracy", "reference FP acc"),
                                                 *((c, c.replace("_", " ")) for c in selected["table"][0]
@@ -216,18 +198,18 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
         effects = paired_effects(main, model)
         if effects:
             lines += [f"### `{model}`: paired differences to `plain` (same seed; min-max, 95 % t interval)", "",
-                      _md_table([effect_cells(e) for e in effects],
+                      markdown_table([effect_cells(e) for e in effects],
                                 [("config", "setting"), ("arm", "method"), ("n_pairs", "seeds"), ("diff", "difference"),
                                  ("ci", "95 % interval"), ("verdict", "verdict")]), ""]
         lines += [f"Figures: {link(f'accuracy_vs_bits_{model}')}, {link(f'trace_vs_drop_{model}')}, "
                   f"{link(f'predicted_vs_measured_{model}')}.", ""]
     lines += ["### Which curvature measure ranks the damage? (Spearman over members)", "",
-              _md_table(rho, [("model", "model"), ("damage", "damage"), ("members", "n"),
+              markdown_table(rho, [("model", "model"), ("damage", "damage"), ("members", "n"),
                               ("top_eigenvalue", "top eig"), ("trace", "trace"), ("sigma_trace_w4", "σ-trace W4"),
                               ("predicted_increase_w4", "pred W4"), ("predicted_increase_w3", "pred W3"),
                               ("sharpness_ascent", "sharpness")]), ""]
     if main["failed"]:
-        lines += ["### Failed members", "", _md_table(main["failed"], [("job", "job"), ("error", "error")]), ""]
+        lines += ["### Failed members", "", markdown_table(main["failed"], [("job", "job"), ("error", "error")]), ""]
     lines.append(END)
     block = "\n".join(lines)
     atomic_write_text(dest / "results.md", "# Study results\n\n" + block + "\n")

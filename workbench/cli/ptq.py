@@ -65,10 +65,11 @@ def run_budget_command(args: Any) -> int:
     calibration images, then quantize and evaluate each allocation."""
     import torch
 
-    from ..ptq.analysis import SWEEP_COLUMNS, checkpoint_data, format_table, sweep
+    from ..ptq.analysis import SWEEP_COLUMNS, checkpoint_data, sweep
     from ..ptq.mixed import activation_sensitivities, allocate_bits, layer_sensitivities
     from ..quant import check_bits
     from ..runinfo import resolve_device
+    from ..tables import format_table
 
     if args.bits or args.wbits:
         raise ConfigError("--budget chooses the weight bits per layer: give --abits for the activations, "
@@ -123,9 +124,10 @@ def run_ptq_command(args: Any) -> int:
     """Run the sweep described by parsed ``args``; print a table (or JSON rows with --json)."""
     if getattr(args, "budget", None):
         return run_budget_command(args)
-    from ..ptq.analysis import SWEEP_COLUMNS, configs_from_bits, format_table, sweep_checkpoints
+    from ..ptq.analysis import SWEEP_COLUMNS, configs_from_bits, sweep_checkpoints
     from ..ptq.engine import PTQConfig
     from ..runinfo import resolve_device
+    from ..tables import format_table
 
     bits = args.bits if (args.bits or args.wbits or args.abits) else "8,6,4,3"
     configs = configs_from_bits(bits, wbits=args.wbits, abits=args.abits, observer=args.observer,

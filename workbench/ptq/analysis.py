@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import lsq, quant
 from ..errors import ConfigError
+from ..tables import format_table  # noqa: F401 - re-exported: the sweep rows printer
 from .engine import PTQConfig, quantize_model
 
 logger = logging.getLogger(__name__)
@@ -251,21 +252,3 @@ def checkpoint_data(path: str | Path, n_calib: int, *, batch_size: int = 256, de
     return model, (ckpt.get("method_config") or {}).get("method", "plain"), calib, evals
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows as a fixed-width text table (floats with 2 decimals, None as '-')."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
-        return str(v)
-
-    table = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]
-    return "\n".join(lines)
