@@ -275,7 +275,7 @@ def test_save_figure_falls_back_to_html_and_json_when_static_export_fails(tmp_pa
     def broken(fig, fmt, scale):
         raise RuntimeError("no Chrome or Chromium found")
 
-    monkeypatch.setattr(plots, "_static_image", broken)
+    monkeypatch.setattr(plots.export, "static_image", broken)
     fig = plots.accuracy_vs_bits(_sweep_rows())
     with caplog.at_level(logging.WARNING, logger="workbench.plots"):
         out = plots.save_figure(fig, tmp_path / "acc.png", formats=("png", "svg"))

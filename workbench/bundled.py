@@ -55,9 +55,8 @@ def copy_notebooks(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
     if clash and not overwrite:
         raise RunDirError(f"{len(clash)} notebook file(s) already in {dest} (e.g. {clash[0].name}); they may hold "
                           "your edits: pick another folder, or pass --overwrite to replace them")
+    from .runinfo import atomic_write
+
     for f, t in zip(files, targets):
-        t.parent.mkdir(parents=True, exist_ok=True)
-        tmp = t.with_name(f".{t.name}.tmp")
-        shutil.copyfile(f, tmp)
-        tmp.replace(t)  # atomic: a reader never sees half a notebook
+        atomic_write(t, lambda tmp, f=f: shutil.copyfile(f, tmp))  # a reader never sees half a notebook
     return targets

@@ -9,8 +9,9 @@ import platform
 import random
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -133,20 +134,30 @@ def run_metadata(params: dict[str, Any]) -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv)}
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file in the same folder, which is
+    flushed to disk and renamed over ``path``, so readers never see half a file and an
+    interrupted write leaves the old file as it was.
+
+    The temporary file gets a plain unique name rather than ``mkstemp``'s, so the result has the
+    permissions every other file gets (the umask's), not ``mkstemp``'s owner-only 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

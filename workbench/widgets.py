@@ -113,7 +113,7 @@ class TrainingMonitor(_App):
                 if metric in row:
                     tr = self.figure.data[self._traces[(current, metric)]]
                     tr.x = tuple(tr.x or ()) + (row["epoch"],)
-                    tr.y = tuple(tr.y or ()) + (plots._num(row[metric]),)
+                    tr.y = tuple(tr.y or ()) + (plots.num(row[metric]),)
 
     __call__ = update
 
@@ -205,7 +205,7 @@ def _entries(models: Any) -> list[tuple[str, Any, str | None]]:
     out: list[tuple[str, Any, str | None]] = []
     for m in models:
         if isinstance(m, (str, Path)):
-            out.append((plots._label({"checkpoint": str(m)}), Path(m), None))
+            out.append((plots.run_label({"checkpoint": str(m)}), Path(m), None))
         elif isinstance(m, nn.Module):
             out.append((f"model {len(out) + 1}", m, None))
         elif isinstance(m, (tuple, list)) and len(m) in (2, 3):
@@ -345,7 +345,7 @@ class QuantExplorer(_App):
                                                                               "<extra></extra>")
         fig.add_bar(name="quantized", textposition="outside", texttemplate="%{y:.1f}",
                     hovertemplate="%{x}: %{customdata} %{y:.2f}%<extra></extra>")
-        plots._styled(fig, "Accuracy after PTQ", barmode="group", xaxis_title="model",
+        plots.styled(fig, "Accuracy after PTQ", barmode="group", xaxis_title="model",
                       yaxis_title="top-1 accuracy (%)", yaxis_range=[0, 105], height=360)
         return fig
 
@@ -355,7 +355,7 @@ class QuantExplorer(_App):
         for i in (1, 2):
             fig.update_yaxes(title_text="relative error ‖Q(t)−t‖/‖t‖ (%)", row=i, col=1)
             fig.update_xaxes(title_text="layer", row=i, col=1)
-        return plots._styled(fig, "Per-layer quantization error", barmode="group", height=760)
+        return plots.styled(fig, "Per-layer quantization error", barmode="group", height=760)
 
     def refresh(self, _change: Any = None) -> None:
         """Recompute (or fetch from the cache) the selected models at the current setting and redraw."""

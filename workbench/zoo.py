@@ -29,7 +29,7 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError, RunDirError
 from .registry import Registry
-from .runinfo import atomic_write_text
+from .runinfo import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,7 @@ def publish(name: str, run_dir: str | Path, *, folder: str | Path | None = None,
         raise RunDirError(f"zoo entry {name!r} exists in {folder}; pass overwrite (--overwrite) to replace it")
     ckpt = load_checkpoint(src)
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.pt.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, folder / f"{name}.pt")
+    atomic_write(folder / f"{name}.pt", lambda tmp: shutil.copyfile(src, tmp))
     metrics = ckpt.get("metrics", {})
     record = {
         "description": recipe.description, "command": command or recipe.command(),
