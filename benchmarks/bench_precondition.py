@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from workbench.methods import StepContext
+from workbench.train_method import StepContext
 from workbench.precondition import MethodConfig, create_method
 
 

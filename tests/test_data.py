@@ -46,7 +46,7 @@ def test_checksum_failure_is_reported(tmp_path):
 
 
 def test_missing_full_dataset_message_names_the_ways(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(data.sources, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError) as e:
         data.load("fashion-mnist", data_dir=tmp_path)
     msg = str(e.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from workbench import nbtools
+from workbench import nbtools, profiles
 from workbench.batch import execute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_parameters_cell(path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert list(declared) == assigned
     assert declared["out_dir"] == "None", "defaults write to a new folder, never a fixed one"
     # the defaults are the quick profile
-    for key, value in nbtools.QUICK_PROFILE.items():
+    for key, value in profiles.QUICK_PROFILE.items():
         if key in declared:
             assert ast.literal_eval(declared[key]) == value, f"{path.name}: {key} is not the quick-profile default"
     # every parameter is recorded in run.json, read from the namespace rather than retyped: run the
@@ -119,7 +119,7 @@ def test_parameters_cell(path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 def test_profiles_only_name_declared_parameters() -> None:
     declared = set().union(*(execute.notebook_parameters(p) for p in NOTEBOOKS))
-    for name in nbtools.PROFILES:
+    for name in profiles.PROFILES:
         assert set(execute.profile_params(name)) <= declared, name
 
 

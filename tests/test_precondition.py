@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from workbench.errors import ConfigError, ModelError, UnknownNameError
-from workbench.methods import StepContext, TrainMethod
 from workbench.precondition import (
     MethodConfig,
     SAMMethod,
@@ -17,6 +16,7 @@ from workbench.precondition import (
     list_methods,
     sam_perturbation,
 )
+from workbench.train_method import StepContext, TrainMethod
 
 #: Methods whose trained model is a plain full-precision model again (hooks detached).
 FP_METHODS = ["plain", "wnoise", "anoise", "dnq", "uniform", "sam", "swa"]

@@ -26,7 +26,7 @@ from workbench.ptq import (
     sweep,
     wqe_vs_aqe,
 )
-from workbench.ptq.modules import fused_fake_quantize
+from workbench.quant import fused_fake_quantize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -413,7 +413,7 @@ def test_fused_qkv_path_equals_separate_quantizers(monkeypatch) -> None:
 
 
 def test_folded_input_scale_equals_fake_quant_then_matmul(monkeypatch) -> None:
-    from workbench.ptq.modules import QuantConv, QuantLinear, _QuantLayer
+    from workbench.ptq.modules import QuantConv, QuantLayer, QuantLinear
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(),
@@ -426,7 +426,7 @@ def test_folded_input_scale_equals_fake_quant_then_matmul(monkeypatch) -> None:
         assert all(m._folded() is not None for m in layers)
         layers[-1].weight_q.mul_(2)  # an in-place change must not be served from the stale cache
         folded2 = qm(x)
-        monkeypatch.setattr(_QuantLayer, "_folded", lambda self: None)
+        monkeypatch.setattr(QuantLayer, "_folded", lambda self: None)
         plain2 = qm(x)
         layers[-1].weight_q.div_(2)
         plain = qm(x)

@@ -14,7 +14,7 @@ from torch import nn
 from workbench import quant
 from workbench.errors import ConfigError
 from workbench.ptq import ActQuantizer, PTQConfig, quantize_model
-from workbench.ptq.modules import _QuantLayer
+from workbench.ptq.modules import QuantLayer
 from workbench.ptq.reconstruction import GAMMA, ZETA, LearnedRounding, reconstruction_units
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -217,7 +217,7 @@ def test_repq_on_a_model_without_layernorm_pairs_is_a_clear_error_and_weights_fo
     qkv = q.model.blocks[0].attn.qkv
     expected = quant.fake_quantize(qkv.layer.weight, quant.weight_qparams(qkv.layer.weight, 4))
     torch.testing.assert_close(qkv.weight_q, expected, rtol=0, atol=0)  # the reparameterized weight, quantized
-    assert isinstance(qkv, _QuantLayer)
+    assert isinstance(qkv, QuantLayer)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench.runinfo import atomic_write, write_json
+from workbench.files import atomic_write
+from workbench.runinfo import write_json
 
 
 def test_atomic_write_gives_the_umask_permissions_and_keeps_the_old_file_on_failure(tmp_path: Path) -> None:

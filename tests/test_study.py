@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.batch import scratch_member, scratch_report, scratch_study, scratch_summary
+from workbench.batch import scratch_collect, scratch_member, scratch_report, scratch_study, scratch_summary
 from workbench.errors import ConfigError, RunDirError
 from workbench.quant import parse_bits_pair
 
@@ -127,7 +127,7 @@ def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
     ]
     points = [{"noise_mult": 0.5}, {"noise_mult": 1.0}, {"noise_mult": 2.0}, {"method": "plain", "noise_mult": 1.0}]
     folder = _write_sweep(tmp_path / "search", members, points)
-    sel = scratch_study.select_search(folder, {"config": "W4A4", "observer": "minmax", "reference": "plain",
+    sel = scratch_collect.select_search(folder, {"config": "W4A4", "observer": "minmax", "reference": "plain",
                                        "max_fp_loss": 0.5}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 1.0} and sel["constrained"]
     by_k = {r["noise_mult"]: r for r in sel["table"]}
@@ -135,10 +135,10 @@ def test_select_search_respects_the_fp_budget(tmp_path: Path) -> None:
     assert by_k[1.0]["chosen"] and not by_k[2.0]["chosen"]
     assert by_k[None]["label"] == "plain (reference)" and by_k[None]["val_W4A4_accuracy"] == 70.0
     # with no budget the highest quantized accuracy wins
-    sel = scratch_study.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
+    sel = scratch_collect.select_search(folder, {"config": "W4A4", "max_fp_loss": float("inf")}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 2.0}
     # nobody within budget: the best overall, and the rule says so
-    sel = scratch_study.select_search(folder, {"config": "W4A4", "max_fp_loss": -5.0}, ["noise_mult"])
+    sel = scratch_collect.select_search(folder, {"config": "W4A4", "max_fp_loss": -5.0}, ["noise_mult"])
     assert sel["values"] == {"noise_mult": 2.0} and not sel["constrained"] and "none qualified" in sel["rule"]
 
 
@@ -161,7 +161,7 @@ def _main_members() -> list[dict]:
 def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
     members = _main_members()
     folder = _write_sweep(tmp_path / "main", members, [{} for _ in members], failed=("012",))
-    got = scratch_study.collect_sweep(folder)
+    got = scratch_collect.collect_sweep(folder)
     assert len(got["members"]) == 12 and [f["job"] for f in got["failed"]] == ["012"]
     rows = {r["label"]: r for r in scratch_summary.summarize(got, ["W4A4", "W3A3"])["rows"]}
     assert list(rows) == ["plain", "dnq", "sam", "swa"]  # the canonical method order
@@ -182,7 +182,7 @@ def test_summarize_means_and_stds_over_seeds(tmp_path: Path) -> None:
 
 def test_spearman_table_ranks_members(tmp_path: Path) -> None:
     members = _main_members()
-    got = scratch_study.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
+    got = scratch_collect.collect_sweep(_write_sweep(tmp_path / "main", members, [{} for _ in members]))
     # each measure orders the 12 members differently against the measured increase 1..12;
     # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) with n (n^2 - 1) = 1716
     n = len(got["members"])
@@ -251,7 +251,7 @@ def test_tiny_study_end_to_end(tmp_path: Path) -> None:
     # another observer added afterwards from the saved checkpoints, without retraining
     added = scratch_study.add_ptq(tmp_path / "out", bits=["W4A4"], observers=["percentile"], progress=False)
     assert sorted(r["job"] for r in added) == ["000", "001"] and all(r["rows"] == 1 for r in added)
-    got = scratch_study.collect_sweep(tmp_path / "out" / "main")
+    got = scratch_collect.collect_sweep(tmp_path / "out" / "main")
     pct = [r for r in got["ptq"] if r["observer"] == "percentile"]
     assert len(pct) == 2 and sum(r["config"] == "FP32" for r in got["ptq"]) == 2  # no duplicate FP rows
     fp = {r["job"]: r["accuracy"] for r in got["ptq"] if r["config"] == "FP32"}
@@ -284,7 +284,7 @@ def test_sweeps_added_to_a_study_are_merged(tmp_path: Path) -> None:
     _write_sweep(tmp_path / "main", members[:6], [{} for _ in members[:6]])
     _write_sweep(tmp_path / "main-extra", [{**m, "job": f"{i:03d}"} for i, m in enumerate(members[6:])],
                  [{} for _ in members[6:]])
-    got = scratch_study.collect_study(tmp_path)
+    got = scratch_collect.collect_study(tmp_path)
     assert len(got["members"]) == 12 and len({m["job"] for m in got["members"]}) == 12
     assert {m["job"] for m in got["members"] if m["job"].startswith("main-extra/")} == \
         {f"main-extra/{i:03d}" for i in range(6)}

@@ -7,9 +7,9 @@ import torch
 
 from workbench import checkpoint, models, train
 from workbench.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError
-from workbench.methods import TrainMethod
 from workbench.precondition import MethodConfig, create_method
 from workbench.runinfo import prepare_run_dir, set_seed
+from workbench.train_method import TrainMethod
 
 FAST = dict(epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.2, augment=False, eval_batch_size=500, device="cpu")
 

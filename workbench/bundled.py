@@ -55,7 +55,7 @@ def copy_notebooks(dest: str | Path, *, overwrite: bool = False) -> list[Path]:
     if clash and not overwrite:
         raise RunDirError(f"{len(clash)} notebook file(s) already in {dest} (e.g. {clash[0].name}); they may hold "
                           "your edits: pick another folder, or pass --overwrite to replace them")
-    from .runinfo import atomic_write
+    from .files import atomic_write
 
     for f, t in zip(files, targets):
         atomic_write(t, lambda tmp, f=f: shutil.copyfile(f, tmp))  # a reader never sees half a notebook

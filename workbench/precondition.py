@@ -44,9 +44,9 @@ from torch import nn
 from . import distributed as wdist
 from . import quant
 from .errors import ConfigError, UnknownNameError, WorkbenchWarning
-from .methods import StepContext, TrainMethod
 from .noise import NoiseConfig, NoiseHandle, attach, schedule_scale
 from .registry import Registry
+from .train_method import StepContext, TrainMethod
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class MethodConfig:
 
 
 def create_method(config: MethodConfig | dict[str, Any] | str) -> TrainMethod:
-    """A :class:`~workbench.methods.TrainMethod` for a config, its dict, or a method name.
+    """A :class:`~workbench.train_method.TrainMethod` for a config, its dict, or a method name.
 
     Raises:
         UnknownNameError: unknown method (the message lists the valid names).

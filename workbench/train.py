@@ -2,8 +2,8 @@
 
 ``fit`` owns what every method shares (data order, optimizer, warm-up + cosine schedule,
 label smoothing, mixed precision on CUDA, evaluation each epoch, checkpoints, progress,
-divergence checks, Ctrl-C handling); a :class:`~workbench.methods.TrainMethod` owns what
-differs between pre-conditioning methods (see :mod:`workbench.methods`).
+divergence checks, Ctrl-C handling); a :class:`~workbench.train_method.TrainMethod` owns what
+differs between pre-conditioning methods (see :mod:`workbench.train_method`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) ``fit`` trains data-parallel with
 ``DistributedDataParallel``: ``batch_size`` stays the global batch, each rank takes its slice
@@ -32,8 +32,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .interrupt import DeferredInterrupt
-from .methods import StepContext, TrainMethod
 from .runinfo import resolve_device, run_metadata, write_csv, write_json
+from .train_method import StepContext, TrainMethod
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from . import errormodel, plots
 from .errors import ConfigError, UnknownNameError
 from .noise import select_layers
 from .ptq import OBSERVERS, PTQConfig, quantize_model
-from .ptq.modules import ActQuantizer, _QuantLayer
+from .ptq.modules import ActQuantizer, QuantLayer
 from .train import evaluate
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ class QuantExplorer(_App):
 def _weight_errors(qm: Any) -> list[dict[str, Any]]:
     rows = []
     for name, m in qm.quant_layers():
-        if isinstance(m, _QuantLayer) and m.weight_q is not None:
+        if isinstance(m, QuantLayer) and m.weight_q is not None:
             w = m.layer.weight.detach().float()
             rows.append(dict(layer=name, kind="wqe", bits=m.w_bits,
                              rel_error=float((m.weight_q.float() - w).norm() / w.norm().clamp_min(1e-12))))

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, RunDirError
+from .files import atomic_write
 from .registry import Registry
-from .runinfo import atomic_write, atomic_write_text
+from .runinfo import atomic_write_text
 
 log = logging.getLogger(__name__)
 

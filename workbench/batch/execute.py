@@ -115,7 +115,7 @@ def _params_for(params: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[
 
 def profile_params(profile: str) -> dict[str, Any]:
     """The parameters a profile passes (``quick``: none, the notebooks' defaults are the quick profile)."""
-    from ..nbtools import PROFILES
+    from ..profiles import PROFILES
 
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")

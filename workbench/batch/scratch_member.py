@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # torch and the data module load inside the functions
 
 #: The notebook every study member executes.
 MEMBER_NOTEBOOK = "06_study_member"
+#: The PTQ settings of the study (W2A4 shows whether anything survives 2-bit weights).
+DEFAULT_BITS = ("W8A8", "W6A6", "W4A8", "W4A4", "W3A3", "W2A4")
 
 def ptq_grid(bits: Sequence[str], observers: Sequence[str] = ("minmax",),
              attention: Sequence[bool] = (True,), n_calib: int = 256) -> list[Any]:

@@ -13,7 +13,8 @@ from typing import Any
 from ..errors import RunDirError
 from ..runinfo import atomic_write_text, write_csv
 from ..tables import markdown_table
-from .scratch_study import DEFAULT_BITS, collect_study
+from .scratch_collect import collect_study
+from .scratch_member import DEFAULT_BITS
 from .scratch_summary import config_order, effect_cells, paired_effects, spearman_table, summarize
 
 #: Markers in a Markdown file between which :func:`write_report` puts the generated tables.

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .scratch_study import DEFAULT_BITS
+from .scratch_member import DEFAULT_BITS
 
 # ---------------------------------------------------------------------------------------
 # aggregating

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from ..errors import ConfigError
-from ..runinfo import atomic_write
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 

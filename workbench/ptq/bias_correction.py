@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .modules import _QuantLayer
+from .modules import QuantLayer
 
 
 def _channel_mean(out: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -62,7 +62,7 @@ def correct_biases(qmodel: nn.Module, fp_model: nn.Module, images: Sequence[torc
     Returns:
         One row per corrected layer: name, output channels, and the largest |shift| applied.
     """
-    qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, _QuantLayer)}
+    qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     fp_means = _output_means(fp_model, {n: fp_model.get_submodule(n) for n in qlayers}, images)
     rows = []
     for name, qlayer in qlayers.items():

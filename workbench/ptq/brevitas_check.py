@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError
 from .engine import QuantizedModel
-from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, _QuantLayer
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLayer, QuantLinear
 
 #: The install hint of every "brevitas is missing" error.
 INSTALL_HINT = "pip install 'flatquant-workbench[xcheck]'"
@@ -148,7 +148,7 @@ def _quantizers() -> tuple[type, type, type]:
     return _QUANTIZERS
 
 
-def _weight_quant(layer: _QuantLayer) -> type | None:
+def _weight_quant(layer: QuantLayer) -> type | None:
     if layer.w_bits is None:
         return None
     from brevitas.inject.enum import ScalingPerOutputType
@@ -176,7 +176,7 @@ def _input_quant(aq: ActQuantizer | None) -> type | None:
     return asym.let(bit_width=int(aq.bits), scaling_init=scale, zero_point_init=scale * zp)
 
 
-def _brevitas_layer(wrapper: _QuantLayer) -> nn.Module:
+def _brevitas_layer(wrapper: QuantLayer) -> nn.Module:
     """A Brevitas layer with ``wrapper``'s float weight and bias and its weight/input quantization."""
     import brevitas.nn as qnn
 
@@ -233,7 +233,7 @@ def to_brevitas(qmodel: QuantizedModel) -> nn.Module:
     model = copy.deepcopy(qmodel.model)
     # the wrappers are replaced by their Brevitas equivalent; named_modules() is listed first
     # because the replacement changes the tree
-    for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]:
+    for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _brevitas_layer(wrapper))

@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import quant
 from ..errors import ConfigError, DataError, UnknownNameError, WorkbenchWarning
-from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLinear, _QuantLayer
+from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLayer, QuantLinear
 from .observers import OBSERVERS, make_observer
 
 logger = logging.getLogger(__name__)
@@ -297,14 +297,14 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def quant_layers(self) -> list[tuple[str, _QuantLayer]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, _QuantLayer)]
+    def quant_layers(self) -> list[tuple[str, QuantLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer)]
 
     def describe(self) -> list[dict[str, Any]]:
         """One tidy row per quantized tensor: name, tensor, bits, granularity, scheme, observer, step, range."""
         rows: list[dict[str, Any]] = []
         for name, m in self.model.named_modules():
-            if isinstance(m, _QuantLayer):
+            if isinstance(m, QuantLayer):
                 qp = m.weight_qparams()
                 if qp is not None:
                     step = qp.step.flatten()

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import quant
 from ..errors import ConfigError
 from ..lsq import lsq_fake_quantize
-from .modules import ActQuantizer, _QuantLayer
+from .modules import ActQuantizer, QuantLayer
 
 #: ``none`` (round to nearest), ``adaround`` (per layer) or ``brecq`` (per block).
 RECONSTRUCTIONS = ("none", "adaround", "brecq")
@@ -60,7 +60,7 @@ RECON_BATCH = 32
 class LearnedRounding(nn.Module):
     """The rounding of one quantized layer's weight, as learnable variables ``V``."""
 
-    def __init__(self, qlayer: _QuantLayer) -> None:
+    def __init__(self, qlayer: QuantLayer) -> None:
         super().__init__()
         w = qlayer.layer.weight.detach()
         qp = qlayer.weight_qparams()
@@ -141,12 +141,12 @@ def reconstruction_units(model: nn.Module, kind: str) -> list[tuple[str, nn.Modu
     Raises:
         ConfigError: ``brecq`` on a model without such blocks.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
     if kind == "adaround":
         return layers
     types = _block_types()
     blocks = [(n, m) for n, m in model.named_modules()
-              if types and isinstance(m, types) and any(isinstance(c, _QuantLayer) for c in m.modules())]
+              if types and isinstance(m, types) and any(isinstance(c, QuantLayer) for c in m.modules())]
     if not blocks:
         raise ConfigError(
             f"block reconstruction (brecq) needs blocks it knows (timm ViT Block, ResNet BasicBlock or "
@@ -217,7 +217,7 @@ def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _reconstruct_unit(unit: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor | None, target: torch.Tensor,
                       *, iters: int, learn_steps: bool, drop: float, generator: torch.Generator) -> dict[str, Any]:
-    layers = [m for m in unit.modules() if isinstance(m, _QuantLayer) and m.w_bits is not None]
+    layers = [m for m in unit.modules() if isinstance(m, QuantLayer) and m.w_bits is not None]
     roundings = [LearnedRounding(m).to(q_in.device) for m in layers]
     for m, r in zip(layers, roundings):
         m.__dict__["_rounding"] = r
@@ -269,7 +269,7 @@ def _reconstruct_unit(unit: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor |
 
 
 @torch.no_grad()
-def _nearest(m: _QuantLayer) -> torch.Tensor:
+def _nearest(m: QuantLayer) -> torch.Tensor:
     qp = m.weight_qparams()
     return quant.fake_quantize(m.layer.weight.detach(), qp).to(m.weight_q.dtype)
 

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from .. import quant
-from .modules import ActQuantizer, _QuantLayer
+from .modules import ActQuantizer, QuantLayer
 
 
-def layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, _QuantLayer]]:
+def layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, QuantLayer]]:
     """``(name, LayerNorm, quantized layer)`` for every LayerNorm whose output feeds only that layer.
 
     In a timm ViT ``Block``: ``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1``. Pairs whose layer has
@@ -44,7 +44,7 @@ def layernorm_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, _QuantLay
         attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
         for norm_name, layer in (("norm1", getattr(attn, "qkv", None)), ("norm2", getattr(mlp, "fc1", None))):
             norm = getattr(m, norm_name, None)
-            if (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and isinstance(layer, _QuantLayer)
+            if (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and isinstance(layer, QuantLayer)
                     and isinstance(layer.input_quant, ActQuantizer) and layer.input_quant.scheme == "uniform"):
                 pairs.append((f"{name}.{norm_name}" if name else norm_name, norm, layer))
     return pairs
@@ -71,7 +71,7 @@ class ChannelRange:
 
 
 @torch.no_grad()
-def reparameterize(norm: nn.LayerNorm, layer: _QuantLayer, lo: torch.Tensor, hi: torch.Tensor) -> dict[str, Any]:
+def reparameterize(norm: nn.LayerNorm, layer: QuantLayer, lo: torch.Tensor, hi: torch.Tensor) -> dict[str, Any]:
     """Fold the per-channel quantizer of ``[lo, hi]`` into ``norm`` and ``layer.layer``; set the
     layer's input quantizer to the per-tensor ``(s~, z~)`` and switch it to quantizing.
 
@@ -108,7 +108,7 @@ def reparameterize(norm: nn.LayerNorm, layer: _QuantLayer, lo: torch.Tensor, hi:
 
 
 @torch.no_grad()
-def observe_channel_ranges(model: nn.Module, pairs: Sequence[tuple[str, nn.LayerNorm, _QuantLayer]],
+def observe_channel_ranges(model: nn.Module, pairs: Sequence[tuple[str, nn.LayerNorm, QuantLayer]],
                            run: Any) -> list[ChannelRange]:
     """Call ``run()`` (a calibration pass) with per-channel range hooks on the pairs' layers."""
     ranges = [ChannelRange() for _ in pairs]
