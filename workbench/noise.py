@@ -57,14 +57,15 @@ import fnmatch
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from . import distributed as wdist
 from . import quant
+from .config import ConfigBase, check_number
 from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -76,51 +77,63 @@ NOISY_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
-class NoiseConfig:
-    """What noise to inject where. ``None`` bits switch that kind of noise off."""
+class NoiseSites(ConfigBase):
+    """Which quantizers the noise imitates, where it goes and how it is scheduled: the fields that
+    :class:`NoiseConfig` and :class:`~workbench.precondition.MethodConfig` share, declared and
+    checked once here. ``None`` bits switch that kind of noise off."""
 
     w_bits: int | None = 4  # bits of the weight quantizer whose error the noise imitates
     a_bits: int | None = 8  # bits of the activation quantizer
-    noise_mult_w: float = 1.0  # k_w: sigma_w = k_w * step_w / sqrt(12)
-    noise_mult_a: float = 1.0  # k_a
-    distribution: str = "gaussian"  # or 'uniform' (same variance), e.g. as a control
     include: tuple[str, ...] = ("*",)  # fnmatch patterns on module names
     exclude: tuple[str, ...] = ()  # e.g. ('head', 'patch_embed.*') to keep them clean
     schedule: str = "constant"  # or 'ramp': linear from 0 to 1 over ramp_epochs
     ramp_epochs: float = 1.0
     ema_momentum: float = 0.9  # activation range EMA, per range refresh
     a_stats_every: int = 4  # refresh activation ranges every N training passes
-    w_stats_every: int = 1  # recompute weight steps every N training passes
     bank: bool = True  # draw noise from a refreshed bank (fast) instead of fresh samples
-    bank_refresh: float = 0.0625  # fraction of the bank regenerated per training pass
-    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, quant.check_bits(value, name))
-        for name in ("noise_mult_w", "noise_mult_a"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "ramp" and not self.ramp_epochs > 0:
             raise ConfigError(f"ramp_epochs must be > 0 for schedule='ramp', got {self.ramp_epochs!r}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ConfigError(f"ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
-        for name in ("a_stats_every", "w_stats_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 < self.bank_refresh <= 1.0:
-            raise ConfigError(f"bank_refresh must be in (0, 1], got {self.bank_refresh!r}")
+        if int(self.a_stats_every) < 1:
+            raise ConfigError(f"a_stats_every must be >= 1, got {self.a_stats_every!r}")
         # tuples, also when built from lists (dicts, YAML, CLI)
         for name in ("include", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
+
+@dataclass(frozen=True)
+class NoiseConfig(NoiseSites):
+    """What noise to inject where (:class:`NoiseSites`), how strong, and how it is drawn."""
+
+    KIND: ClassVar[str] = "NoiseConfig field"
+
+    noise_mult_w: float = 1.0  # k_w: sigma_w = k_w * step_w / sqrt(12)
+    noise_mult_a: float = 1.0  # k_a
+    distribution: str = "gaussian"  # or 'uniform' (same variance), e.g. as a control
+    w_stats_every: int = 1  # recompute weight steps every N training passes
+    bank_refresh: float = 0.0625  # fraction of the bank regenerated per training pass
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("noise_mult_w", "noise_mult_a"):
+            check_number(name, getattr(self, name))
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if int(self.w_stats_every) < 1:
+            raise ConfigError(f"w_stats_every must be >= 1, got {self.w_stats_every!r}")
+        if not 0.0 < self.bank_refresh <= 1.0:
+            raise ConfigError(f"bank_refresh must be in (0, 1], got {self.bank_refresh!r}")
 
     @property
     def weight_noise(self) -> bool:
@@ -129,19 +142,6 @@ class NoiseConfig:
     @property
     def act_noise(self) -> bool:
         return self.a_bits is not None and self.noise_mult_a > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NoiseConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown NoiseConfig field(s) {unknown}; valid: {sorted(known)}")
-        return cls(**d)
 
 
 def schedule_scale(config: NoiseConfig, step: int, steps_per_epoch: int) -> float:

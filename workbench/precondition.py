@@ -35,16 +35,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from . import distributed as wdist
-from . import quant
+from .config import check_number
 from .errors import ConfigError, UnknownNameError, WorkbenchWarning
-from .noise import NoiseConfig, NoiseHandle, attach, schedule_scale
+from .noise import NoiseConfig, NoiseHandle, NoiseSites, attach, schedule_scale
 from .registry import Registry
 from .train_method import StepContext, TrainMethod
 
@@ -55,12 +55,16 @@ METHODS: Registry[Callable[[MethodConfig], TrainMethod]] = Registry("method")
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Settings of a pre-conditioning method; the same fields as the CLI flags and run metadata."""
+class MethodConfig(NoiseSites):
+    """Settings of a pre-conditioning method; the same fields as the CLI flags and run metadata.
+
+    The target bits and the noise's sites and schedule are :class:`~workbench.noise.NoiseSites`'
+    fields (declared and checked there); :meth:`noise_config` turns them into the
+    :class:`~workbench.noise.NoiseConfig` a noise method attaches."""
+
+    KIND: ClassVar[str] = "method option"
 
     method: str = "plain"
-    w_bits: int | None = 4  # target weight bits of the later PTQ (None: weights not quantized)
-    a_bits: int | None = 8  # target activation bits (None: activations not quantized)
     noise_mult: float = 1.0  # k for both noises, unless noise_mult_w / noise_mult_a are set
     noise_mult_w: float | None = None
     noise_mult_a: float | None = None
@@ -71,28 +75,15 @@ class MethodConfig:
     # or: average every N optimizer steps from the start fraction on (a 1-epoch fine-tune has one
     # epoch end, so per-epoch averaging would average nothing but the last weights)
     swa_every: int | None = None
-    schedule: str = "constant"  # noise schedule: constant | ramp
-    ramp_epochs: float = 1.0  # length of the linear ramp
-    include: tuple[str, ...] = ("*",)  # layers that get noise (fnmatch on module names)
-    exclude: tuple[str, ...] = ()  # e.g. ('head',) keeps the classifier clean
-    ema_momentum: float = 0.9  # activation range EMA
-    a_stats_every: int = 4  # activation range refresh period (training passes)
-    bank: bool = True  # fast banked noise (see workbench.noise); False: fresh samples
     seed: int | None = None  # noise seed; None: the training seed (torch.initial_seed()); + rank under DDP
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UnknownNameError(METHODS.unknown_message(str(self.method)))
-        for name in ("w_bits", "a_bits"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, quant.check_bits(value, name))
-        for name in ("noise_mult", "noise_mult_w", "noise_mult_a"):
-            value = getattr(self, name)
-            if value is None and name != "noise_mult":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        super().__post_init__()  # bits, sites, schedule
+        check_number("noise_mult", self.noise_mult)
+        check_number("noise_mult_w", self.noise_mult_w, allow_none=True)
+        check_number("noise_mult_a", self.noise_mult_a, allow_none=True)
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho > 0:
             raise ConfigError(f"rho must be a number > 0, got {self.rho!r}")
         if not 0.0 <= self.swa_start_frac < 1.0:
@@ -103,9 +94,6 @@ class MethodConfig:
             raise ConfigError(f"swa_lr must be > 0, got {self.swa_lr!r}")
         if self.swa_every is not None and int(self.swa_every) < 1:
             raise ConfigError(f"swa_every must be >= 1 (optimizer steps between averaged weights), got {self.swa_every!r}")
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         needs = {"wnoise": ("w_bits",), "anoise": ("a_bits",), "dnq": ("w_bits", "a_bits")}.get(self.method, ())
         for name in needs:
             if getattr(self, name) is None:
@@ -113,7 +101,6 @@ class MethodConfig:
                                   f"(32 = not quantized)")
         if self.method in ("uniform", "qat") and self.w_bits is None and self.a_bits is None:
             raise ConfigError(f"method {self.method!r} needs w_bits and/or a_bits")
-        self.noise_config()  # validate the remaining noise fields now, not at setup
 
     @property
     def k_w(self) -> float:
@@ -127,27 +114,11 @@ class MethodConfig:
         """The :class:`NoiseConfig` this method attaches (weights/activations per method)."""
         weights = self.method in ("wnoise", "dnq", "uniform")
         acts = self.method in ("anoise", "dnq", "uniform")
-        return NoiseConfig(
-            w_bits=self.w_bits if weights else None, a_bits=self.a_bits if acts else None,
-            noise_mult_w=self.k_w, noise_mult_a=self.k_a,
-            distribution="uniform" if self.method == "uniform" else "gaussian",
-            include=self.include, exclude=self.exclude, schedule=self.schedule,
-            ramp_epochs=self.ramp_epochs, ema_momentum=self.ema_momentum,
-            a_stats_every=self.a_stats_every, bank=self.bank,
-            seed=self.seed if self.seed is not None else seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown method option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**d)
+        sites = {f.name: getattr(self, f.name) for f in fields(NoiseSites)}
+        sites.update(w_bits=self.w_bits if weights else None, a_bits=self.a_bits if acts else None)
+        return NoiseConfig(**sites, noise_mult_w=self.k_w, noise_mult_a=self.k_a,
+                           distribution="uniform" if self.method == "uniform" else "gaussian",
+                           seed=self.seed if self.seed is not None else seed)
 
 
 def create_method(config: MethodConfig | dict[str, Any] | str) -> TrainMethod:

@@ -19,9 +19,9 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import nn
 
 from . import distributed as wdist
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ConfigBase
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .interrupt import DeferredInterrupt
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Optimisation recipe. Defaults are the measured recipe for ``vit-micro`` on
     ``fashion-mnist-mini`` (see benchmarks/bench_train.py); they also suit ``cnn-small``."""
 
@@ -61,6 +62,8 @@ class TrainConfig:
     amp: bool = True                  # bf16 autocast, CUDA only
     eval_batch_size: int = 512
 
+    KIND: ClassVar[str] = "training option"
+
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) \
                 or not math.isfinite(self.epochs) or self.epochs <= 0:
@@ -76,17 +79,6 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1 or self.warmup_epochs < 0:
             raise ConfigError("weight_decay and warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass

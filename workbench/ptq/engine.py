@@ -28,18 +28,18 @@ integer kernels would also need integer versions of those operations.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import quant
+from ..config import ConfigBase
 from ..errors import ConfigError, DataError, UnknownNameError, WorkbenchWarning
 from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLayer, QuantLinear
 from .observers import OBSERVERS, make_observer
@@ -53,8 +53,10 @@ SOFTMAX_SCHEMES = ("uniform", "log2")
 
 
 @dataclass(frozen=True)
-class PTQConfig:
+class PTQConfig(ConfigBase):
     """One post-training quantization setting. ``None`` bits mean 'not quantized' (32-bit float)."""
+
+    KIND: ClassVar[str] = "PTQConfig field"
 
     w_bits: int | None = 8  # weight bits, 2..16
     a_bits: int | None = 8  # activation bits, 2..16
@@ -141,21 +143,6 @@ class PTQConfig:
     @property
     def weight_observer(self) -> str:
         return self.w_observer or self.observer
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PTQConfig:
-        """Build from a plain dict; unknown keys raise ConfigError listing the valid ones."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"unknown PTQConfig field(s) {unknown}; valid: {sorted(fields)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> PTQConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def not_applicable(config: PTQConfig, model: nn.Module) -> str | None:
