@@ -165,8 +165,9 @@ def test_flatness_refuses_nonsensical_counts(flag, value, words, tiny_ckpt, caps
 @pytest.mark.parametrize("argv, words", [
     (["--bits", "99"], "w_bits=99 is out of range: use 2 to 16 bits, or 32"),
     (["--bits", "W4A64"], "a_bits=64 is out of range"),
-    (["--wbits", "40"], "wbits=40 is out of range"),
-    (["--abits", "1"], "abits=1 is out of range"),
+    (["--wbits", "40"], "w_bits=40 is out of range"),
+    (["--a-bits", "1"], "a_bits=1 is out of range"),
+    (["--w-bits", "4,x"], "cannot read a bit width from 'x'"),
 ])
 def test_ptq_bits_out_of_range(argv, words, tiny_ckpt, capsys):
     assert cli.main(["ptq", str(tiny_ckpt), *argv]) == 2
@@ -265,3 +266,38 @@ def test_ptq_bias_correction_flag_reaches_the_rows(tiny_ckpt, capsys):
     assert [r["ptq_method"] for r in plain] == [None, "rtn"]
     assert [r["ptq_method"] for r in corrected] == [None, "rtn+bc"]
     assert corrected[1]["loss"] != plain[1]["loss"]  # the biases moved
+
+
+def test_one_bit_width_vocabulary(tiny_ckpt, capsys) -> None:
+    """--w-bits/--a-bits everywhere, the old --wbits/--abits kept; one list reader behind them."""
+    from workbench.cli import build_parser
+    from workbench.errors import ConfigError
+    from workbench.quant import parse_bits_list
+
+    parser = build_parser()
+    for cmd in (["ptq", "C"], ["flatness", "C"]):
+        new = parser.parse_args([*cmd, "--w-bits", "4,3", "--a-bits", "8"])
+        old = parser.parse_args([*cmd, "--wbits", "4,3", "--abits", "8"])
+        assert (new.wbits, new.abits) == (old.wbits, old.abits) == ("4,3", "8")
+    assert parse_bits_list("8, 6,,32") == [8, 6, None] and parse_bits_list([4, "3"]) == [4, 3]
+    assert parse_bits_list(4) == [4] and parse_bits_list(None) == []
+    with pytest.raises(ConfigError, match="--candidates=32 is out of range: use 2 to 16 bits"):
+        parse_bits_list("8,32", "--candidates", allow_float=False)
+    # the ptq sweep reads both spellings the same way
+    rows = {}
+    for flags in (["--w-bits", "8", "--a-bits", "32"], ["--wbits", "8", "--abits", "32"]):
+        assert cli.main(["ptq", str(tiny_ckpt), *flags, "--n-calib", "8", "--n-eval", "16", "--json"]) == 0
+        rows[flags[0]] = [r["config"] for r in json.loads(capsys.readouterr().out)]
+    assert rows["--w-bits"] == rows["--wbits"] == ["FP32", "W8A32"]
+
+
+def test_train_takes_the_target_bits_once(tmp_path, capsys) -> None:
+    args = ["train", "--data", "digits", "--model", "cnn-small", "--steps", "1", "--method", "dnq", "--no-progress"]
+    assert cli.main([*args, "--bits", "4,4", "--w-bits", "3", "--out", str(tmp_path / "a")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main([*args, "--w-bits", "3,4", "--out", str(tmp_path / "b")]) == 2
+    assert "--w-bits takes one width" in capsys.readouterr().err
+    assert cli.main([*args, "--w-bits", "3", "--a-bits", "5", "--out", str(tmp_path / "c"), "--json"]) == 0
+    run = json.loads((tmp_path / "c" / "run.json").read_text())
+    method = run["params"]["method"]
+    assert (method["w_bits"], method["a_bits"]) == (3, 5)

@@ -21,6 +21,7 @@ Conventions (written down once, used everywhere):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,31 @@ def parse_bits_pair(text: str) -> tuple[int | None, int | None]:
             f"cannot read bit widths from {text!r}: write e.g. 'W4A8', '4,8' or '4'"
         ) from None
     return check_bits_or_float(w, "w_bits"), check_bits_or_float(a, "a_bits")
+
+
+def parse_bits_list(spec: str | int | Sequence[object] | None, name: str = "bits", *,
+                    allow_float: bool = True) -> list[int | None]:
+    """The one reader of a list of widths: ``'8,6,4'``, ``[8, 6]`` or ``4``; empty items are
+    skipped. With ``allow_float``, 32 is 'not quantized' (``None``); without it, only 2..16.
+
+    Raises:
+        ConfigError: an item that is not a whole number, or out of range; the message names ``name``.
+    """
+    if spec is None:
+        return []
+    items = str(spec).split(",") if isinstance(spec, (str, int)) else list(spec)
+    out: list[int | None] = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            bits = int(text)
+        except ValueError:
+            raise ConfigError(f"{name}: cannot read a bit width from {text!r}: use whole numbers such as 8,6,4,3"
+                              ) from None
+        out.append(check_bits_or_float(bits, name) if allow_float else check_bits(bits, name))
+    return out
 
 
 def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

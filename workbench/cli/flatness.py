@@ -21,9 +21,9 @@ def add_flatness_parser(sub: Any, add_json: AddJson) -> None:
                    "filter-normalized direction (1d) or plane (2d)")
     p.add_argument("--steps", type=int, default=None, help="landscape grid points per axis (default 21 / 11)")
     p.add_argument("--span", type=float, default=1.0, help="landscape range: alpha in [-span, span]")
-    p.add_argument("--wbits", default="4,3", help="weight bits for the sigma-weighted trace and the predicted "
+    p.add_argument("--w-bits", "--wbits", dest="wbits", default="4,3", metavar="W[,W...]", help="weight bits for the sigma-weighted trace and the predicted "
                    "vs measured PTQ loss increase (comma list)")
-    p.add_argument("--abits", default=None, help="also predict activation-quantization damage at these bits")
+    p.add_argument("--a-bits", "--abits", dest="abits", default=None, metavar="A[,A...]", help="also predict activation-quantization damage at these bits")
     p.add_argument("--n-samples", type=int, default=256, help="training images the loss is averaged over")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-probes", type=int, default=30)
@@ -34,18 +34,6 @@ def add_flatness_parser(sub: Any, add_json: AddJson) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     add_json(p)
-
-
-def _bits(text: str | None, flag: str = "--wbits") -> list[int] | None:
-    if not text:
-        return None
-    try:
-        bits = [int(b) for b in str(text).split(",") if b.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag}: cannot read bit widths from {text!r}: write e.g. 4,3") from None
-    from ..quant import check_bits
-
-    return [check_bits(b, flag) for b in bits]
 
 
 def check_args(args: Any) -> None:
@@ -77,10 +65,12 @@ def run_flatness_command(args: Any) -> int:
     from ..checkpoint import load_model, recorded_data_params
     from ..flatness import flatness_report
     from ..landscape import landscape_1d, landscape_2d
+    from ..quant import parse_bits_list
     from ..runinfo import json_default, resolve_device
 
     check_args(args)
-    w_bits, a_bits = _bits(args.wbits, "--wbits") or [4], _bits(args.abits, "--abits")
+    w_bits = parse_bits_list(args.wbits, "--w-bits", allow_float=False) or [4]
+    a_bits = parse_bits_list(args.abits, "--a-bits", allow_float=False) or None
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     # the run's own training images: the held-out val split (if any) is not among them

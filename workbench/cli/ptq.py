@@ -20,8 +20,10 @@ def add_ptq_parser(sub: Any, add_json: AddJson) -> None:
     p = sub.add_parser("ptq", help="post-training quantization sweep over checkpoints")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     p.add_argument("--bits", default=None, help="WbAb pairs: 8,6,4,3 or W4A8,W8A32 (32 = float)")
-    p.add_argument("--wbits", default=None, help="weight bits, crossed with --abits")
-    p.add_argument("--abits", default=None, help="activation bits, crossed with --wbits")
+    p.add_argument("--w-bits", "--wbits", dest="wbits", default=None, metavar="W[,W...]",
+                   help="weight bits, crossed with --a-bits (32 = float)")
+    p.add_argument("--a-bits", "--abits", dest="abits", default=None, metavar="A[,A...]",
+                   help="activation bits, crossed with --w-bits (32 = float)")
     p.add_argument("--observer", default="minmax", choices=OBSERVER_NAMES)
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     p.add_argument("--n-calib", type=int, default=256)
@@ -44,13 +46,13 @@ def add_ptq_parser(sub: Any, add_json: AddJson) -> None:
     p.add_argument("--budget", default=None, metavar="B[,B...]",
                    help="mixed precision: per-layer weight bits chosen from the curvature to minimize the "
                         "predicted loss increase within this budget (see --budget-kind); activations at the "
-                        "--abits width (default 8)")
+                        "--a-bits width (default 8)")
     p.add_argument("--budget-kind", default="bits", choices=("bits", "bytes", "bops"),
                    help="what --budget counts: average weight bits (default), weight bytes, or bit-operations")
     p.add_argument("--candidates", default="8,6,4,3,2", help="weight widths a layer may take (--budget)")
     p.add_argument("--a-budget", type=float, default=None, metavar="A",
                    help="with --budget: per-layer input widths too, averaging A bits (weighted by each input's "
-                        "size), chosen from the input-side curvature; the attention matmuls take --abits")
+                        "size), chosen from the input-side curvature; the attention matmuls take --a-bits")
     p.add_argument("--a-candidates", default=None,
                    help="input widths a layer may take (default 8,6,4,3 with --a-budget); with --budget-kind bops "
                         "alone they are priced together with the weight widths")
@@ -67,19 +69,25 @@ def run_budget_command(args: Any) -> int:
 
     from ..ptq.analysis import SWEEP_COLUMNS, checkpoint_data, sweep
     from ..ptq.mixed import activation_sensitivities, allocate_bits, layer_sensitivities
-    from ..quant import check_bits
+    from ..quant import parse_bits_list
     from ..runinfo import resolve_device
     from ..tables import format_table
 
     if args.bits or args.wbits:
-        raise ConfigError("--budget chooses the weight bits per layer: give --abits for the activations, "
-                          "not --bits or --wbits")
-    a_bits = check_bits(int(args.abits), "--abits") if args.abits else 8
-    budgets = [float(b) for b in str(args.budget).split(",") if b.strip()]
-    candidates = [int(b) for b in args.candidates.split(",") if b.strip()]
+        raise ConfigError("--budget chooses the weight bits per layer: give --a-bits (--abits) for the "
+                          "activations, not --bits or --w-bits")
+    a_list = parse_bits_list(args.abits, "a_bits", allow_float=False)
+    if len(a_list) > 1:
+        raise ConfigError(f"--a-bits takes one width with --budget (the activations' width), got {args.abits!r}")
+    a_bits = a_list[0] if a_list else 8
+    try:
+        budgets = [float(b) for b in str(args.budget).split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--budget {args.budget!r}: give numbers such as 3.5 or 3,4.5") from None
+    candidates = parse_bits_list(args.candidates, "--candidates", allow_float=False)
     a_budget = getattr(args, "a_budget", None)
     a_cands_arg = getattr(args, "a_candidates", None)
-    a_candidates = ([int(b) for b in a_cands_arg.split(",") if b.strip()] if a_cands_arg
+    a_candidates = (parse_bits_list(a_cands_arg, "--a-candidates", allow_float=False) if a_cands_arg
                     else [8, 6, 4, 3] if a_budget is not None else None)
     if a_cands_arg and a_budget is None and args.budget_kind != "bops":
         raise ConfigError("--a-candidates needs --a-budget (average input bits), or --budget-kind bops, which "
@@ -100,7 +108,7 @@ def run_budget_command(args: Any) -> int:
             allocations.append({"checkpoint": str(path), **alloc.to_dict()})
             configs.append(alloc.config(observer=args.observer, n_calib=args.n_calib, quant_attn=not args.no_attn,
                                         bias_correction=args.bias_correction, w_per_channel=not args.per_tensor,
-                                        a_bits=a_bits))  # the attention matmuls (and unnamed inputs) at --abits
+                                        a_bits=a_bits))  # the attention matmuls (and unnamed inputs) at --a-bits
         got = sweep([(str(path), model, method)], configs, calib, evals, device=device,
                     progress=not getattr(args, "json", False))
         q = [r for r in got if r["config"] != "FP32"]

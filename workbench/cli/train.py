@@ -45,6 +45,8 @@ def add_train_parser(sub: Any, add_json: AddJson) -> None:
     t.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument("--method", default="plain", help="plain, wnoise, anoise, dnq, uniform, sam, swa, qat")
     t.add_argument("--bits", default=None, help="target precision of the noise (or of qat's quantizers): W[,A], e.g. 4 or 4,8 or W4A8")
+    t.add_argument("--w-bits", default=None, metavar="W", help="the weight side of --bits alone (32 = weights left clean)")
+    t.add_argument("--a-bits", default=None, metavar="A", help="the activation side of --bits alone (32 = activations left clean)")
     t.add_argument("--noise-mult", type=float, default=None, help="noise multiplier k (sigma = k * step / sqrt(12))")
     t.add_argument("--rho", type=float, default=None, help="SAM neighbourhood radius")
     t.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="any MethodConfig field, repeatable")
@@ -68,12 +70,21 @@ def add_eval_parser(sub: Any, add_json: AddJson) -> None:
 def build_method(args: argparse.Namespace):
     """(TrainMethod, method_config dict) from the CLI flags."""
     from ..precondition import MethodConfig, create_method
-    from ..quant import parse_bits_pair
+    from ..quant import parse_bits_list, parse_bits_pair
 
     kw: dict[str, Any] = {"method": args.method}
     if args.bits is not None:
+        if args.w_bits is not None or args.a_bits is not None:
+            raise ConfigError("give the target bits once: --bits W,A or --w-bits W / --a-bits A, not both")
         w, a = parse_bits_pair(args.bits)
         kw.update(w_bits=w, a_bits=a)
+    for side in ("w_bits", "a_bits"):
+        text = getattr(args, side)
+        if text is not None:
+            widths = parse_bits_list(text, "--" + side.replace("_", "-"))
+            if len(widths) != 1:
+                raise ConfigError(f"--{side.replace('_', '-')} takes one width, got {text!r}")
+            kw[side] = widths[0]
     if args.noise_mult is not None:
         kw["noise_mult"] = args.noise_mult
     if args.rho is not None:

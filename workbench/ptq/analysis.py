@@ -33,26 +33,10 @@ SWEEP_COLUMNS = ("checkpoint", "method", "config", "w_bits", "a_bits", "observer
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _bits_list(spec: str | int | Sequence[Any] | None, name: str = "bits") -> list[int | None]:
-    if spec is None:
-        return []
-    items = spec.split(",") if isinstance(spec, str) else ([spec] if isinstance(spec, int) else list(spec))
-    out: list[int | None] = []
-    for it in items:
-        it = str(it).strip()
-        if not it:
-            continue
-        b = int(it) if it.isdigit() else None
-        if b is None:
-            raise ConfigError(f"cannot read a bit width from {it!r}: use integers such as 8,6,4,3")
-        out.append(quant.check_bits_or_float(b, name))
-    return out
-
-
 def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | Sequence[Any] | None = None,
                       abits: str | Sequence[Any] | None = None, base: PTQConfig | None = None,
                       **overrides: Any) -> list[PTQConfig]:
-    """Configs for the CLI's ``--bits/--wbits/--abits``.
+    """Configs for the CLI's ``--bits/--w-bits/--a-bits``.
 
     ``bits`` gives WbAb pairs (``"8,6,4,3"``, or ``["W4A8", "W8A32"]``); ``wbits`` x ``abits``
     adds their cartesian product (a missing side defaults to ``bits``, or to 32 = float).
@@ -69,8 +53,8 @@ def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | S
         if it:
             pairs.append(quant.parse_bits_pair(it))
     if wbits is not None or abits is not None:
-        w_list = _bits_list(wbits, "wbits") or [p[0] for p in pairs] or [None]
-        a_list = _bits_list(abits, "abits") or [p[1] for p in pairs] or [None]
+        w_list = quant.parse_bits_list(wbits, "w_bits") or [p[0] for p in pairs] or [None]
+        a_list = quant.parse_bits_list(abits, "a_bits") or [p[1] for p in pairs] or [None]
         pairs += list(itertools.product(w_list, a_list))
     pairs = list(dict.fromkeys(pairs))  # keep order, drop duplicates
     pairs = [p for p in pairs if p != (None, None)]  # the FP row is always there
