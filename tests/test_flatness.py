@@ -526,3 +526,34 @@ def test_ritz_values_converge_to_the_extreme_eigenvalues_first():
     assert many.max() <= exact[0] + 1e-9 and many.min() >= exact[-1] - 1e-9
     with pytest.raises(ConfigError, match="symmetric"):
         fl.ritz_values(torch.randn(4, 5, dtype=torch.float64), 2)
+
+
+def test_accuracy_is_a_percentage_in_flatness_landscapes_and_training() -> None:
+    """One unit everywhere: top-1 accuracy in percent, so a drop is in points. The reference is
+    counted by hand; train.evaluate, the flatness report, its RTN prediction and the landscape
+    must all give the same number (and the same drop)."""
+    from workbench.batch.finetune_study import curvature_rows
+    from workbench.flatness import flatness_report
+    from workbench.landscape import landscape_1d
+    from workbench.train import evaluate
+
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    with torch.no_grad():
+        by_hand = 100.0 * int((model(x).argmax(-1) == y).sum()) / len(y)
+    assert 0 < by_hand < 100 and by_hand != 1.0
+    assert evaluate(model, [(x, y)])["accuracy"] == pytest.approx(by_hand, abs=1e-9)
+    report = flatness_report(model, [(x, y)], w_bits=[3], trace=False, eig=0, sharpness=False)
+    assert report["accuracy"] == pytest.approx(by_hand, abs=1e-9)
+    q = report["quant"]["W3"]
+    assert q["clean_accuracy"] == pytest.approx(by_hand, abs=1e-9) and 0 <= q["quant_accuracy"] <= 100
+    line = landscape_1d(model, (x, y), steps=3, span=(-0.5, 0.5), progress=False,
+                        generator=torch.Generator().manual_seed(0))
+    assert line.accuracies[1] == pytest.approx(by_hand, abs=1e-9)  # alpha = 0: the model itself
+    # the study's curvature table: the drop in points, from either record of the unit
+    new = curvature_rows({}, report, {})[0]["acc_drop"]
+    before = {k: v for k, v in q.items() if k not in ("clean_accuracy", "quant_accuracy")}
+    before.update(clean_acc=q["clean_accuracy"] / 100, quant_acc=q["quant_accuracy"] / 100)  # as stored before
+    old = curvature_rows({}, {**report, "quant": {"W3": before}}, {})[0]["acc_drop"]
+    assert new == pytest.approx(q["clean_accuracy"] - q["quant_accuracy"]) and old == pytest.approx(new)

@@ -217,7 +217,7 @@ def test_eigen_density_overlays_models_and_marks_top_eigenvalues():
 
 
 def test_landscapes_1d_and_2d_follow_the_landscape_results():
-    line = Landscape1D("random", (-1.0, 0.0, 1.0), (2.0, 0.5, 1.5), (0.1, 0.9, 0.4))
+    line = Landscape1D("random", (-1.0, 0.0, 1.0), (2.0, 0.5, 1.5), (10.0, 90.0, 40.0))  # accuracy in percent
     fig = plots.landscape_1d({"plain": line, "dnq": line.rows()})
     assert _trace(fig, "plain").y == (2.0, 0.5, 1.5) and _trace(fig, "dnq").x == (-1.0, 0.0, 1.0)
     assert "α" in fig.layout.xaxis.title.text and fig.layout.yaxis.title.text == "loss (nats)"
@@ -238,8 +238,8 @@ def test_landscapes_1d_and_2d_follow_the_landscape_results():
 def _prediction(bits: int, predicted: float, measured: float) -> QuantPrediction:
     return QuantPrediction(w_bits=bits, sigma_trace=2 * predicted, sigma_trace_stderr=0.1, predicted=predicted,
                            predicted_stderr=0.05, measured_rtn=measured, measured_noise=predicted * 1.1,
-                           measured_noise_stderr=0.01, clean_loss=0.5, quant_loss=0.5 + measured, clean_acc=90.0,
-                           quant_acc=85.0, first_order=0.0, probes=10, converged=True, params=100, seconds=0.1)
+                           measured_noise_stderr=0.01, clean_loss=0.5, quant_loss=0.5 + measured, clean_accuracy=90.0,
+                           quant_accuracy=85.0, first_order=0.0, probes=10, converged=True, params=100, seconds=0.1)
 
 
 def test_prediction_vs_measured_from_predictions_and_damage_rows():

@@ -41,7 +41,7 @@ ZERO_NORM = 1e-12
 
 @dataclass(frozen=True)
 class Landscape1D:
-    """Loss (and accuracy) at ``origin + alpha * direction`` for each alpha."""
+    """Loss (and top-1 accuracy, percent) at ``origin + alpha * direction`` for each alpha."""
 
     kind: str  # "random" | "line"
     alphas: tuple[float, ...]
@@ -59,7 +59,7 @@ class Landscape1D:
 
 @dataclass(frozen=True)
 class Landscape2D:
-    """Loss (and accuracy) at ``origin + alpha * d1 + beta * d2``; ``losses[i][j]`` is at ``(alphas[i], betas[j])``."""
+    """Loss (and top-1 accuracy, percent) at ``origin + alpha * d1 + beta * d2``; ``losses[i][j]`` is at ``(alphas[i], betas[j])``."""
 
     alphas: tuple[float, ...]
     betas: tuple[float, ...]
@@ -115,7 +115,7 @@ def _state_of(other: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 class _Evaluator:
-    """Loss/accuracy of the model at given parameters/buffers, functionally, on fixed batches."""
+    """Loss and top-1 accuracy (percent) of the model at given parameters/buffers, functionally, on fixed batches."""
 
     def __init__(self, model: nn.Module, data: Batch | Iterable[Batch], loss_fn: LossFn | None,
                  device: str | torch.device | None) -> None:
@@ -136,7 +136,7 @@ class _Evaluator:
             out = functional_call(self.model, (state,), (x,))
             loss += float(self.loss_fn(out, y)) * x.shape[0] / self.n
             correct += float((out.argmax(-1) == y).sum())
-        return loss, correct / self.n
+        return loss, 100.0 * correct / self.n
 
 
 def _grid(span: tuple[float, float], steps: int) -> list[float]:

@@ -286,13 +286,22 @@ CURVATURE_MEASURES: dict[str, Callable[[Mapping[str, Any], str], float]] = {
 }
 
 
+def _accuracy_drop(q: Mapping[str, Any]) -> float:
+    """Accuracy points lost to RTN weights in a flatness report's ``quant`` entry. Reports keep
+    ``clean_accuracy``/``quant_accuracy`` in percent; members written before that unit was fixed
+    hold ``clean_acc``/``quant_acc`` as fractions (the key names tell them apart, not the values)."""
+    if "clean_accuracy" in q:
+        return float(q["clean_accuracy"]) - float(q["quant_accuracy"])
+    return 100 * (float(q.get("clean_acc", math.nan)) - float(q.get("quant_acc", math.nan)))
+
+
 def curvature_rows(base: Mapping[str, Any], rep: Mapping[str, Any], info: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for key, q in rep.get("quant", {}).items():
         row = {**base, "w_bits": int(key[1:]), **{m: float(f(rep, key)) for m, f in CURVATURE_MEASURES.items()},
                "predicted_stderr": q.get("predicted_stderr", math.nan), "first_order": q.get("first_order", math.nan),
                "measured_increase": q.get("measured_rtn", math.nan),
-               "acc_drop": 100 * (q.get("clean_acc", math.nan) - q.get("quant_acc", math.nan)),  # points
+               "acc_drop": _accuracy_drop(q),  # points
                "trace_stderr": rep.get("trace", {}).get("stderr", math.nan), "n_hessian": rep.get("n_hessian"),
                "seconds": rep.get("seconds")}
         rows.append(row)

@@ -104,7 +104,7 @@ def run_flatness_command(args: Any) -> int:
         print(json.dumps(report, indent=2, default=json_default))
         return 0
     print(f"{report['model']} ({report['method']}) on {report['samples']} {name} training images: "
-          f"loss {report['loss']:.4f}, accuracy {100 * report['accuracy'] if report['accuracy'] <= 1 else report['accuracy']:.2f}%")
+          f"loss {report['loss']:.4f}, accuracy {report['accuracy']:.2f}%")
     if "top_eigenvalues" in report:
         print(f"top eigenvalues: {', '.join(f'{v:.4g}' for v in report['top_eigenvalues']['eigenvalues'])}")
     if "trace" in report:

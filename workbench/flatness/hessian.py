@@ -275,7 +275,8 @@ class LossHessian:
     @torch.no_grad()
     def loss(self, params: Mapping[str, torch.Tensor] | None = None,
              accuracy: bool = False) -> float | tuple[float, float]:
-        """Loss (and optionally accuracy) at the current or given parameters (a ``{name: tensor}`` dict)."""
+        """Loss (and optionally top-1 accuracy in percent) at the current or given parameters (a
+        ``{name: tensor}`` dict)."""
         self._require_entered()
         p = {**self._params, **(params or {})}
         total = correct = 0.0
@@ -287,7 +288,7 @@ class LossHessian:
         if self._dist:
             total, correct = wdist.all_reduce_values([total, correct])
         if accuracy:
-            return total, correct / self._total
+            return total, 100.0 * correct / self._total
         return total
 
     def perturbed_loss(self, delta: torch.Tensor) -> float:

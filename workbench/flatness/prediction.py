@@ -96,9 +96,9 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
         sig = weight_sigma(H.model, H.names, w_bits, per_channel, H.device)
         tr = hutchinson_trace(H, tol=tol, min_probes=min_probes, max_probes=max_probes, deflate=deflate,
                               scale=sig, block=block, generator=generator)
-        clean_loss, clean_acc = H.loss(accuracy=True)  # type: ignore[misc]
+        clean_loss, clean_accuracy = H.loss(accuracy=True)  # type: ignore[misc]
         qparams = _quantized_params(H, w_bits, per_channel)
-        quant_loss, quant_acc = H.loss(qparams, accuracy=True)  # type: ignore[misc]
+        quant_loss, quant_accuracy = H.loss(qparams, accuracy=True)  # type: ignore[misc]
         delta = H.flatten([qparams[n] - H.param(n) for n in H.names])
         first = float(H.gradient() @ delta)
         # uniform noise on [-step/2, step/2] has std step/sqrt(12) = sigma: half-width sqrt(3) sigma
@@ -109,7 +109,7 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
             incs.append(H.perturbed_loss((2 * u - 1) * math.sqrt(3.0) * sig) - clean_loss)
         mn, mse = mean_se(incs) if incs else (math.nan, math.nan)
         return QuantPrediction(w_bits, tr.estimate, tr.stderr, tr.estimate / 2, tr.stderr / 2,
-                               quant_loss - clean_loss, mn, mse, clean_loss, quant_loss, clean_acc, quant_acc,
+                               quant_loss - clean_loss, mn, mse, clean_loss, quant_loss, clean_accuracy, quant_accuracy,
                                first, tr.probes, tr.converged, H.numel, time.perf_counter() - t0)
 
 
@@ -194,7 +194,7 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
                         out = run(x)
                         loss += w * float(lf(out, y))
                         correct += float((out.argmax(-1) == y).sum())
-                return loss, correct / total
+                return loss, 100.0 * correct / total
 
             shapes = []
             for x, _ in data_d:
@@ -243,11 +243,11 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
                             converged = True
                             break
             sites.mode = None
-            clean_loss = clean_acc = quant_loss = quant_acc = math.nan
+            clean_loss = clean_accuracy = quant_loss = quant_accuracy = math.nan
             if measure:
-                clean_loss, clean_acc = evaluate()
+                clean_loss, clean_accuracy = evaluate()
                 sites.mode = "quant"
-                quant_loss, quant_acc = evaluate()
+                quant_loss, quant_accuracy = evaluate()
             incs = []
             sites.mode = "add"
             for _ in range(noise_samples if measure else 0):
@@ -269,5 +269,5 @@ def activation_quant_prediction(model: nn.Module, data: Batch | Iterable[Batch],
         layers = {n: dict(zip(("estimate", "stderr"), mean_se(v))) for n, v in site_samples.items()}
         elements = {n: math.prod(shapes[0][n][1:]) for n in sites.names if n in shapes[0]}
     return ActQuantPrediction(a_bits, est, se, est / 2, se / 2, quant_loss - clean_loss, mn, mse, clean_loss,
-                              quant_loss, clean_acc, quant_acc, len(samples), converged, len(sites.names),
+                              quant_loss, clean_accuracy, quant_accuracy, len(samples), converged, len(sites.names),
                               time.perf_counter() - t0, layers, elements)

@@ -97,7 +97,7 @@ def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch],
     Returns ``{"rows": [...], "spearman": {w_bits: {measure: rho_vs_loss_increase, ...}},
     "spearman_acc": {...}, "spearman_note": str, "reports": {name: report}}``. Each row: model,
     w_bits, every measure in :data:`MEASURES`, ``measured_increase`` (RTN loss increase) and
-    ``acc_drop``. Below :data:`MIN_RANK_MODELS` models the correlations are left empty and
+    ``acc_drop`` (accuracy points lost to RTN weights). Below :data:`MIN_RANK_MODELS` models the correlations are left empty and
     ``spearman_note`` says why.
     """
     bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
@@ -110,7 +110,7 @@ def damage_table(models: Mapping[str, nn.Module], data: Batch | Iterable[Batch],
             q = r["quant"][key]
             row = {"model": name, "w_bits": b}
             row.update({m: float(f(r, key)) for m, f in MEASURES.items()})
-            row.update(measured_increase=q["measured_rtn"], acc_drop=q["clean_acc"] - q["quant_acc"],
+            row.update(measured_increase=q["measured_rtn"], acc_drop=q["clean_accuracy"] - q["quant_accuracy"],
                        first_order=q["first_order"])
             rows.append(row)
     rho: dict[str, dict[str, float]] = {}

@@ -93,8 +93,8 @@ class QuantPrediction(Result):
     measured_noise_stderr: float
     clean_loss: float
     quant_loss: float
-    clean_acc: float
-    quant_acc: float
+    clean_accuracy: float  # top-1, percent
+    quant_accuracy: float  # top-1, percent
     first_order: float  # g . (Q(w) - w): the linear term the second-order prediction ignores
     probes: int
     converged: bool
@@ -135,8 +135,8 @@ class ActQuantPrediction(Result):
     measured_noise_stderr: float
     clean_loss: float
     quant_loss: float
-    clean_acc: float
-    quant_acc: float
+    clean_accuracy: float  # top-1, percent
+    quant_accuracy: float  # top-1, percent
     probes: int
     converged: bool
     layers: int

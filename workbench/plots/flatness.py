@@ -113,7 +113,7 @@ def landscape_1d(curves: Any, *, metric: str = "loss", log_y: bool = False, titl
         kinds.add(kind)
         if metric == "accuracy" and acc is None:
             raise ConfigError(f"landscape {name!r} has no accuracies")
-        y = loss if metric == "loss" else [None if v is None else 100 * v for v in acc]
+        y = loss if metric == "loss" else acc
         unit = "nats" if metric == "loss" else "%"
         fig.add_scatter(x=a, y=y, mode="lines+markers", name=name, line=dict(color=method_color(name)),
                         marker=dict(size=4),
