@@ -12,6 +12,7 @@ import pytest
 
 from workbench.batch import scratch_collect, scratch_member, scratch_report, scratch_study, scratch_summary
 from workbench.errors import ConfigError, RunDirError
+from workbench.ptq import configs_from_bits
 from workbench.quant import parse_bits_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,16 +30,17 @@ def test_parse_config() -> None:
 
 
 def test_ptq_grid_crosses_bits_observers_attention() -> None:
-    cfgs = scratch_member.ptq_grid(["W8A8", "W4A4", "W2A4"], ["minmax", "percentile"], [True, False], n_calib=64)
+    cfgs = configs_from_bits(["W8A8", "W4A4", "W2A4"], observers=["minmax", "percentile"], attention=[True, False],
+                             n_calib=64)
     assert len(cfgs) == 12
     assert [(c.w_bits, c.a_bits) for c in cfgs[::4]] == [(8, 8), (4, 4), (2, 4)]
     assert {(c.observer, c.quant_attn) for c in cfgs} == {("minmax", True), ("minmax", False),
                                                            ("percentile", True), ("percentile", False)}
     assert all(c.n_calib == 64 and c.w_per_channel for c in cfgs)
     with pytest.raises(ConfigError):
-        scratch_member.ptq_grid(["W1A8"])  # 1 bit is out of range
+        configs_from_bits(["W1A8"])  # 1 bit is out of range
     with pytest.raises(ConfigError, match="at least one"):
-        scratch_member.ptq_grid([])
+        configs_from_bits([])
 
 
 def test_load_study_checks_keys(tmp_path: Path) -> None:

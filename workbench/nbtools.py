@@ -31,7 +31,15 @@ from torch import nn
 from . import data as wdata
 from . import models as wmodels
 from .errors import CheckpointError, ConfigError
-from .runinfo import prepare_run_dir, resolve_device, run_metadata, set_seed, write_csv, write_json
+from .runinfo import (
+    model_device,
+    prepare_run_dir,
+    resolve_device,
+    run_metadata,
+    set_seed,
+    write_csv,
+    write_json,
+)
 from .tables import Table
 
 log = logging.getLogger(__name__)
@@ -146,8 +154,11 @@ def subset_bundle(bundle: wdata.DataBundle, limit_train: int | None = None, limi
 
 def load_data(name: str, *, seed: int = 0, limit_train: int | None = None, limit_test: int | None = None,
               n_calib: int = 128, data_dir: str | Path | None = None, init: str | Path | None = None,
-              image_size: int | None = None) -> wdata.DataBundle:
+              image_size: int | None = None, val_size: int | float = 0) -> wdata.DataBundle:
     """:func:`workbench.data.load` then :func:`subset_bundle` (introduced in 00_quickstart).
+
+    ``val_size`` training images are held out first as ``val`` (where a search judges its
+    candidates); the limits and the calibration subset then come from the remaining ones.
 
     With ``init`` (the notebooks' starting point) the images are fed as that model wants them:
     a pretrained ``timm:NAME`` gets timm's input size, mean/std, resize and centre crop
@@ -155,7 +166,7 @@ def load_data(name: str, *, seed: int = 0, limit_train: int | None = None, limit
     """
     from .zoo import TIMM_PREFIX, init_data_info
 
-    bundle = wdata.load(name, data_dir=data_dir, seed=seed, n_calib=max(n_calib, 1))
+    bundle = wdata.load(name, data_dir=data_dir, seed=seed, n_calib=max(int(n_calib), 1), val_size=val_size)
     if init and str(init).startswith(TIMM_PREFIX):
         bundle = wdata.with_input_pipeline(bundle, **wmodels.pretrained_input(str(init), image_size))
     elif init:
@@ -371,7 +382,7 @@ def ptq_rows(trained: dict[str, Trained], configs: Sequence[Any], bundle: wdata.
     from .ptq import sweep
 
     models = [(t.label, t.model, t.method_config.get("method", t.label)) for t in trained.values()]
-    dev = next(next(iter(trained.values())).model.parameters()).device if trained else "cpu"
+    dev = model_device(next(iter(trained.values())).model) if trained else "cpu"
     rows = sweep(models, configs, calib_batches(bundle, n_calib, device=dev), eval_batches(bundle, device=dev),
                  progress=progress)
     fp = {r["checkpoint"]: r["accuracy"] for r in rows if r["config"] == "FP32"}
@@ -493,11 +504,12 @@ def pick(rows: Sequence[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
 def ptq_configs(bits: Sequence[int], observers: Sequence[str] = ("minmax",), n_calib: int = 128,
                 per_channel: bool = True, **overrides: Any) -> list[Any]:
     """``WbAb`` PTQ settings for every bit width and observer (introduced in 02_ptq)."""
-    from .ptq import PTQConfig
+    from .ptq import configs_from_bits
 
-    # from_dict: a field PTQConfig does not have is a ConfigError that lists the valid ones
-    return [PTQConfig.from_dict({"w_bits": int(b), "a_bits": int(b), "observer": o, "n_calib": int(n_calib),
-                                 "w_per_channel": per_channel, **overrides}) for o in observers for b in bits]
+    # observer by observer, so a table lists one observer's widths together
+    return [c for o in observers for c in configs_from_bits([str(int(b)) for b in bits], observer=o,
+                                                            n_calib=int(n_calib), w_per_channel=per_channel,
+                                                            **overrides)]
 
 
 def ptq_method_configs(methods: dict[str, dict[str, Any]], bits: int, model: Any, n_calib: int = 128,

@@ -41,6 +41,16 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model lives on: that of its first parameter (or buffer); CPU for a model
+    with neither. The one such helper (PTQ, flatness, training and the notebooks use it)."""
+    import torch
+
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """The :class:`torch.device` a device name means, checked against this machine.
 

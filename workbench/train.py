@@ -33,7 +33,7 @@ from .config import ConfigBase
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .interrupt import DeferredInterrupt
-from .runinfo import resolve_device, run_metadata, write_csv, write_json
+from .runinfo import model_device, resolve_device, run_metadata, write_csv, write_json
 from .train_method import StepContext, TrainMethod
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def evaluate(model: nn.Module, batch_iter: Iterable[tuple[torch.Tensor, torch.Te
     """
     was_training = model.training
     model.eval()
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else model_device(model)
     total_loss, correct, n = 0.0, 0, 0
     try:
         for x, y in batch_iter:
@@ -154,7 +154,7 @@ def evaluate_split(model: nn.Module, data: DataBundle, split: str = "test", batc
     With ``shard`` (and a process group; every rank must call it) each rank evaluates its share of
     every batch and the metrics are reduced over the ranks.
     """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else model_device(model)
     rank, world = (wdist.get_rank(), wdist.get_world_size()) if shard else (0, 1)
     it = batches(data.split(split), data.info, batch_size, device=dev, rank=rank, world_size=world)
     return evaluate(model, it, dev, all_ranks=shard)

@@ -11,8 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
-from ..quant import parse_bits_pair
+from ..runinfo import model_device
 
 if TYPE_CHECKING:  # torch and the data module load inside the functions
     from torch import nn
@@ -23,29 +22,6 @@ if TYPE_CHECKING:  # torch and the data module load inside the functions
 MEMBER_NOTEBOOK = "06_study_member"
 #: The PTQ settings of the study (W2A4 shows whether anything survives 2-bit weights).
 DEFAULT_BITS = ("W8A8", "W6A6", "W4A8", "W4A4", "W3A3", "W2A4")
-
-def ptq_grid(bits: Sequence[str], observers: Sequence[str] = ("minmax",),
-             attention: Sequence[bool] = (True,), n_calib: int = 256) -> list[Any]:
-    """PTQConfigs for every bit setting x activation observer x attention-matmul choice
-    (per-channel symmetric weights, asymmetric per-tensor activations: the engine's defaults)."""
-    from ..ptq import PTQConfig
-
-    if not bits or not observers or not attention:
-        raise ConfigError("bits, observers and attention each need at least one entry")
-    return [PTQConfig(w_bits=w, a_bits=a, observer=obs, quant_attn=bool(att), n_calib=n_calib)
-            for w, a in (parse_bits_pair(b) for b in bits) for obs in observers for att in attention]
-
-
-def member_data(data: str, *, seed: int = 0, val_size: int | float = 0, limit_train: int | None = None,
-                limit_test: int | None = None, n_calib: int = 256) -> wdata.DataBundle:
-    """The member's data: ``val_size`` images held out of training as ``val`` (the search judges
-    candidates there), then the usual limits and calibration subset (from the remaining training images)."""
-    from .. import data as wdata
-    from ..nbtools import subset_bundle
-
-    bundle = wdata.load(data, seed=seed, n_calib=max(int(n_calib), 1), val_size=val_size)
-    return subset_bundle(bundle, limit_train, limit_test, n_calib, seed)
-
 
 def train_member(bundle: wdata.DataBundle, *, model: str, method: str, label: str | None = None,
                  model_args: Mapping[str, Any] | None = None, w_bits: int | None = 4, a_bits: int | None = 4,
@@ -82,7 +58,7 @@ def member_ptq(label: str, model: nn.Module, method: str, bundle: wdata.DataBund
     from .. import data as wdata
     from ..ptq import sweep
 
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     if not has_attention(model):
         seen, kept = set(), []
         for c in configs:
@@ -112,7 +88,7 @@ def member_flatness(label: str, model: nn.Module, bundle: wdata.DataBundle, *, n
     from .. import data as wdata
     from ..flatness import damage_table
 
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     batch = next(iter(wdata.batches(bundle.train, bundle.info, int(n_hessian), device=dev)))
     t0 = time.perf_counter()
     res = damage_table({label: model}, batch, w_bits=list(w_bits), max_probes=int(probes), trace_tol=trace_tol,

@@ -33,7 +33,7 @@ from ..errors import ConfigError, RunDirError
 from ..quant import parse_bits_pair
 from ..runinfo import atomic_write_text, prepare_run_dir, run_metadata, write_json
 from .scratch_collect import read_rows, select_search
-from .scratch_member import DEFAULT_BITS, MEMBER_NOTEBOOK, member_data, member_ptq, ptq_grid
+from .scratch_member import DEFAULT_BITS, MEMBER_NOTEBOOK, member_ptq
 from .scratch_report import write_report
 
 log = logging.getLogger(__name__)
@@ -153,15 +153,18 @@ def _extra_ptq_job(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..checkpoint import load_model
+    from ..nbtools import load_data
+    from ..ptq import configs_from_bits
 
     torch.set_num_threads(int(args["threads"]))
     res = Path(args["results"])
     p = json.loads((res / "run.json").read_text(encoding="utf-8"))["params"]
     member = read_rows(res / "member.json")[0]
     model, _ = load_model(res / "checkpoints" / member["label"] / "model.pt")
-    bundle = member_data(p["data"], seed=p["seed"], val_size=p.get("val_size", 0), limit_train=p["limit_train"],
-                         limit_test=p["limit_test"], n_calib=p["n_calib"])
-    configs = ptq_grid(args["bits"], args["observers"], args["attention"], n_calib=p["n_calib"])
+    bundle = load_data(p["data"], seed=p["seed"], val_size=p.get("val_size", 0), limit_train=p["limit_train"],
+                       limit_test=p["limit_test"], n_calib=p["n_calib"])
+    configs = configs_from_bits(args["bits"], observers=args["observers"], attention=args["attention"],
+                                n_calib=p["n_calib"])
     rows = member_ptq(member["label"], model, member["method"], bundle, configs, split=member["split"],
                       n_calib=p["n_calib"])
     write_json(res / f"ptq_{args['tag']}.json", rows)
@@ -183,7 +186,9 @@ def add_ptq(folder: str | Path, *, bits: Sequence[str] = DEFAULT_BITS, observers
 
     from tqdm.auto import tqdm
 
-    ptq_grid(bits, observers, attention)  # check the settings before any work
+    from ..ptq import configs_from_bits
+
+    configs_from_bits(list(bits), observers=observers, attention=attention)  # check the settings before any work
     tag = tag or "_".join(observers)
     folder = Path(folder)
     sweeps = [folder / "main", *sorted(folder.glob("main-*"))]

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, jvp
 
 from .. import distributed as wdist
 from ..errors import ConfigError, ModelError
+from ..runinfo import model_device  # noqa: F401 - part of workbench.flatness' helpers
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
     finally:
         for m in mods:
             m.fused_attn = True
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def select_params(model: nn.Module, params: str | Sequence[str] | None = None) -> list[str]:

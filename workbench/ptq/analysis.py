@@ -34,16 +34,21 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | Sequence[Any] | None = None,
-                      abits: str | Sequence[Any] | None = None, base: PTQConfig | None = None,
+                      abits: str | Sequence[Any] | None = None, observers: Sequence[str] | None = None,
+                      attention: Sequence[bool] | None = None, base: PTQConfig | None = None,
                       **overrides: Any) -> list[PTQConfig]:
-    """Configs for the CLI's ``--bits/--w-bits/--a-bits``.
+    """The one builder of PTQ setting lists (the CLI's ``--bits/--w-bits/--a-bits``, the notebooks,
+    the from-scratch study).
 
     ``bits`` gives WbAb pairs (``"8,6,4,3"``, or ``["W4A8", "W8A32"]``); ``wbits`` x ``abits``
     adds their cartesian product (a missing side defaults to ``bits``, or to 32 = float).
-    32 means 'not quantized'.
+    32 means 'not quantized'. Each pair is then crossed with ``observers`` and ``attention``
+    (quantized attention matmuls or not), in that order, when they are given; ``overrides`` set
+    any other :class:`PTQConfig` field.
 
     Raises:
-        ConfigError: unreadable or out-of-range bit widths, or nothing to sweep.
+        ConfigError: unreadable or out-of-range bit widths, nothing to sweep, or an empty
+            ``observers``/``attention``.
     """
     base = (base or PTQConfig()).replace(**overrides) if overrides else (base or PTQConfig())
     pairs: list[tuple[int | None, int | None]] = []
@@ -59,8 +64,14 @@ def configs_from_bits(bits: str | Sequence[Any] | None = None, *, wbits: str | S
     pairs = list(dict.fromkeys(pairs))  # keep order, drop duplicates
     pairs = [p for p in pairs if p != (None, None)]  # the FP row is always there
     if not pairs:
-        raise ConfigError("nothing to sweep: give bit widths, e.g. --bits 8,6,4,3")
-    return [base.replace(w_bits=w, a_bits=a) for w, a in pairs]
+        raise ConfigError("nothing to sweep: give at least one bit width, e.g. --bits 8,6,4,3")
+    for name, values in (("observers", observers), ("attention", attention)):
+        if values is not None and not list(values):
+            raise ConfigError(f"{name} needs at least one entry (or leave it out for {base.observer!r}/"
+                              f"quant_attn={base.quant_attn})")
+    return [base.replace(w_bits=w, a_bits=a, observer=o, quant_attn=bool(q)) for w, a in pairs
+            for o in (observers if observers is not None else [base.observer])
+            for q in (attention if attention is not None else [base.quant_attn])]
 
 
 def _evaluate(model: nn.Module, batches: Batches, device: torch.device | str | None) -> tuple[dict, float]:

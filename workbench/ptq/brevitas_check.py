@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError
+from ..runinfo import model_device
 from .engine import QuantizedModel
 from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLayer, QuantLinear
 
@@ -237,9 +238,8 @@ def to_brevitas(qmodel: QuantizedModel) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _brevitas_layer(wrapper))
-    p = next(iter(qmodel.parameters()), None)
     # Brevitas's own constant buffers (bit widths, the unit scaling) are made on the CPU
-    return model.to(p.device if p is not None else "cpu").eval()
+    return model.to(model_device(qmodel)).eval()
 
 
 def brevitas_layers(bmodel: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -254,8 +254,7 @@ def brevitas_layers(bmodel: nn.Module) -> list[tuple[str, nn.Module]]:
 def predict(model: nn.Module, batches: Iterable[Any]) -> torch.Tensor:
     """Concatenated logits of ``model`` over ``batches`` (images or ``(images, labels)``)."""
     outs = []
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = model_device(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ACC_ZERO_POINT_WARNING)
         for batch in batches:

@@ -41,6 +41,7 @@ from torch import nn
 from .. import quant
 from ..config import ConfigBase
 from ..errors import ConfigError, DataError, UnknownNameError, WorkbenchWarning
+from ..runinfo import model_device
 from .modules import ActQuantizer, QuantAttention, QuantConv, QuantLayer, QuantLinear
 from .observers import OBSERVERS, make_observer
 
@@ -257,11 +258,6 @@ def _take(batches: Iterable[Any] | None, n: int) -> list[Any]:
     return out
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 class QuantizedModel(nn.Module):
     """The quantized copy: a module like the original, plus a description of what was done.
 
@@ -373,7 +369,7 @@ def quantize_model(model: nn.Module, config: PTQConfig | None = None,
     if not isinstance(config, PTQConfig):
         raise ConfigError(f"config must be a PTQConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else model_device(model)
     qmodel = copy.deepcopy(model).to(device).eval()
     n_attn = _replace_attention(qmodel, config) if (config.quant_attn and config.a_bits is not None) else 0
     n_layers = _replace_layers(qmodel, config)
