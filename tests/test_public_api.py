@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,34 @@ def test_the_ptq_parser_offers_exactly_the_registered_observers() -> None:
     from workbench.ptq.observers import OBSERVERS
 
     assert sorted(OBSERVER_NAMES) == sorted(OBSERVERS.names())
+
+
+def test_the_readme_module_table_names_every_module() -> None:
+    """The README's module table is the map of the package: every module is on it, by its dotted
+    name, as ``.name`` after its package's first entry in a cell, or, for a package whose row lists
+    its modules, as ``name`` in that row."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| module | what it does |"):]
+    table = table[: table.index("\n\n")]
+    named: set[str] = set()
+    for line in table.splitlines()[2:]:
+        cells = line.split("|")
+        base = None
+        for name in re.findall(r"`([\w.]+)`", cells[1]):
+            if name.startswith("workbench"):
+                named.add(name)
+                base = name.rsplit(".", 1)[0]
+            elif name.startswith(".") and base:
+                named.add(base + name)
+        for pkg in re.findall(r"`(workbench(?:\.\w+)*)`", cells[1]):  # modules listed in the row's text
+            named.update(f"{pkg}.{m}" for m in re.findall(r"`(\w+)`", cells[2]))
+    modules = set()
+    for path in (root / "workbench").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__main__" or parts[-1].startswith("_") and parts[-1] != "__init__":
+            continue
+        modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    assert sorted(modules - named) == []
