@@ -30,6 +30,7 @@ from torch.func import functional_call
 
 from .errors import ConfigError, ModelError
 from .flatness import Batch, as_batches, model_device, preserved_mode, select_params
+from .runinfo import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +149,6 @@ def _grid(span: tuple[float, float], steps: int) -> list[float]:
     return torch.linspace(lo, hi, steps, dtype=torch.float64).tolist() if steps > 1 else [lo]
 
 
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
-
-
 def _check_direction(model: nn.Module, d: Mapping[str, torch.Tensor]) -> None:
     named = dict(model.named_parameters())
     bad = [k for k, v in d.items() if k not in named or tuple(v.shape) != tuple(named[k].shape)]
@@ -180,7 +175,7 @@ def landscape_1d(model: nn.Module, data: Batch | Iterable[Batch], *,
         ev = _Evaluator(model, data, loss_fn, device)
         dd = {k: v.to(ev.device, ev.params[k].dtype) for k, v in d.items()}
         losses, accs = [], []
-        bar = _bar(len(grid), "landscape 1d", progress)
+        bar = progress_bar(len(grid), "landscape 1d", progress)
         for a in grid:
             lo, ac = ev({k: ev.params[k] + a * v for k, v in dd.items()})
             losses.append(lo)
@@ -216,7 +211,7 @@ def landscape_line(model: nn.Module, other: nn.Module | Mapping[str, torch.Tenso
         bb = {k: state_b[k].to(ev.device, v.dtype) for k, v in ev.buffers.items()
               if v.is_floating_point() and k in state_b}
         losses, accs = [], []
-        bar = _bar(len(grid), "landscape line", progress)
+        bar = progress_bar(len(grid), "landscape line", progress)
         for a in grid:
             p = {k: torch.lerp(v, pb[k], a) for k, v in ev.params.items()}
             ac = min(max(a, 0.0), 1.0)
@@ -252,7 +247,7 @@ def landscape_2d(model: nn.Module, data: Batch | Iterable[Batch], *,
         d1, d2 = ({k: v.to(ev.device, ev.params[k].dtype) for k, v in d.items()} for d in directions)
         keys = set(d1) | set(d2)
         losses, accs = [], []
-        bar = _bar(len(ga) * len(gb), "landscape 2d", progress)
+        bar = progress_bar(len(ga) * len(gb), "landscape 2d", progress)
         for a in ga:
             row_l, row_a = [], []
             for b in gb:

@@ -41,6 +41,16 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True, *, initial: int = 0, unit: str = "it",
+                 leave: bool = False) -> Any:
+    """The one progress bar (``tqdm.auto``: a widget in JupyterLab, text in a terminal); a
+    disabled one accepts ``update``/``close`` and prints nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=not enabled, leave=leave,
+                dynamic_ncols=True)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model lives on: that of its first parameter (or buffer); CPU for a model
     with neither. The one such helper (PTQ, flatness, training and the notebooks use it)."""

@@ -33,7 +33,7 @@ from .config import ConfigBase
 from .data import DataBundle, batches, num_batches
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .interrupt import DeferredInterrupt
-from .runinfo import model_device, resolve_device, run_metadata, write_csv, write_json
+from .runinfo import model_device, progress_bar, resolve_device, run_metadata, write_csv, write_json
 from .train_method import StepContext, TrainMethod
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,8 @@ def fit(model: nn.Module, data: DataBundle, config: TrainConfig | None = None,
                         method_state=states[0]["method"],
                         extra={"history": history, "rank_states": states, "init": init})
 
-    bar = _progress_bar(total_steps, start_epoch * steps_per_epoch + start_batch, progress and main)
+    bar = progress_bar(total_steps, "train", progress and main, initial=start_epoch * steps_per_epoch + start_batch,
+                       unit="step", leave=True)
     model.train()
     method.setup(model, ctx)
     epoch, step_in_epoch = start_epoch, start_batch
@@ -481,10 +482,3 @@ def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, model: nn.Module) -> N
     if diff:
         raise CheckpointError(f"cannot resume with a different recipe: {diff} (saved vs now); "
                               "resume with the original options")
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                dynamic_ncols=True, leave=True)

@@ -35,6 +35,7 @@ ranks with sample weights, so every rank gets the Hessian of the loss over the u
 
 from __future__ import annotations
 
+from ..runinfo import progress_bar
 from ..stats import MIN_RANK_POINTS, spearman
 from .hessian import (
     HVP_METHODS,
@@ -51,7 +52,7 @@ from .hessian import (
     unfused_attention,
 )
 from .prediction import activation_quant_prediction, weight_quant_prediction, weight_sigma
-from .probes import mean_se, progress_bar, rademacher, randn
+from .probes import mean_se, rademacher, randn
 from .report import MEASURES, MIN_RANK_MODELS, damage_table, flatness_report
 from .results import (
     ActQuantPrediction,

@@ -30,14 +30,3 @@ def mean_se(x: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..runinfo import progress_bar
 from .hessian import Batch, LossFn, LossHessian, hessian_of
-from .probes import mean_se, progress_bar, rademacher, randn
+from .probes import mean_se, rademacher, randn
 from .results import TraceResult
 from .spectrum import lanczos
 
