@@ -225,6 +225,29 @@ def test_protocol_errors_say_what_is_wrong(tmp_path: Path):
         Protocol.from_file(path)
 
 
+def test_extra_seeds_run_only_their_arms_and_are_paired_with_their_control(tmp_path: Path):
+    fams = {"f": {"parents": ["zoo:a", "zoo:b"], "seeds": [0, 1], "extra": {"seeds": [2], "arms": ["plain", "dnq"]}}}
+    arms = {"plain": {"method": "plain"}, "dnq": {"method": "dnq"}, "sam": {"method": "sam"}}
+    p = _protocol(families=fams, arms=arms, search=None)
+    reps = p.replicates()
+    assert [(r.parent, r.seed) for r in reps] == [("zoo:a", 0), ("zoo:a", 1), ("zoo:b", 0), ("zoo:b", 1),
+                                                  ("zoo:a", 2), ("zoo:b", 2)]  # extra seeds last
+    assert [p.arms_for(r) for r in reps] == [["plain", "dnq", "sam"]] * 4 + [["plain", "dnq"]] * 2
+    # what the folder lists: the extra replicates have no sam member, run or not
+    write_json(tmp_path / "protocol.json", p.to_dict())
+    listed = {(m["replicate"], m["arm"]) for m in collect(tmp_path)["members"]}
+    assert len(listed) == 4 * 3 + 2 * 2 and (reps[4].name, "sam") not in listed and (reps[4].name, "dnq") in listed
+    # the search still judges on the main seeds
+    q = _protocol(families=fams, arms={**arms, "dnq": {"method": "dnq", "noise_mult": "search"}})
+    assert all(r.seed in (0, 1) for r in q.search_replicates())
+    for bad, words in (({"seeds": [1], "arms": ["plain"]}, "already among its seeds"),
+                       ({"seeds": [2], "arms": ["dnq"]}, "include the control"),
+                       ({"seeds": [2], "arms": ["plain", "swa"]}, "must be arms"),
+                       ({"seeds": [2]}, "extra needs seeds")):
+        with pytest.raises(ConfigError, match=words):
+            _protocol(families={"f": {**fams["f"], "extra": bad}}, arms=arms, search=None)
+
+
 def test_settings_cover_draws_float_attention_and_strong_arms():
     p = _protocol(ptq={"bits": ["W4A4", "W3A3"], "observers": ["minmax", "mse"], "calib_draws": 3,
                        "draw_bits": ["W3A3"], "float_attention": ["W4A4"],

@@ -112,7 +112,7 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     val = [protocol.search_setting()] if protocol.search else []
     for epochs in protocol.epochs:
         for rep in protocol.replicates():
-            for arm in protocol.arms:
+            for arm in protocol.arms_for(rep):
                 if not protocol.depends_on_search(arm):
                     first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
                                       settings=[] if only_search else protocol.settings(arm),
@@ -128,7 +128,7 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
         second = [_job(protocol, out, rep, protocol.arm_config(arm, chosen["chosen"]), epochs,
                        settings=protocol.settings(arm), val_settings=[], curvature=curv)
                   for epochs in protocol.epochs for rep in protocol.replicates()
-                  for arm in protocol.arms if protocol.depends_on_search(arm)]
+                  for arm in protocol.arms_for(rep) if protocol.depends_on_search(arm)]
         statuses += _execute(_merge(second), jobs, progress)
     tables = collect(out)
     return {"out": str(out), "search": chosen, "members": statuses,
@@ -233,7 +233,7 @@ def collect(out: str | Path, protocol: Protocol | None = None) -> dict[str, list
     members, ptq, curvature = [], [], []
     for epochs in protocol.epochs:
         for rep in protocol.replicates():
-            for arm in protocol.arms:
+            for arm in protocol.arms_for(rep):
                 if protocol.depends_on_search(arm) and not chosen:
                     members.append(_member_row(rep, arm, epochs, None, {"status": "waiting for the search"}))
                     continue

@@ -11,6 +11,7 @@ with the control of the same replicate (paired). The protocol file (YAML) says::
       vit-micro-mini:
         parents: [zoo:vit-micro-mini-s0, zoo:vit-micro-mini-s1, zoo:vit-micro-mini-s2]
         seeds: [0, 1]               # fine-tune seeds per parent: 3 x 2 = 6 replicates
+        extra: {seeds: [2], arms: [plain, dnq]}   # optional: more replicates for these arms only
     arms:                           # MethodConfig fields; noise_mult: search = the searched value
       plain: {method: plain}
       dnq: {method: dnq, w_bits: 4, a_bits: 4, noise_mult: search}
@@ -160,6 +161,21 @@ class Protocol:
         for fam, spec in self.families.items():
             if not spec.get("parents") or not spec.get("seeds"):
                 raise ConfigError(f"family {fam!r} needs a list of parents and a list of seeds")
+            unknown = sorted(set(spec) - {"parents", "seeds", "extra"})
+            if unknown:
+                raise ConfigError(f"family {fam!r}: unknown key(s) {unknown}; valid: extra, parents, seeds")
+            extra = spec.get("extra")
+            if extra is not None:
+                if not isinstance(extra, Mapping) or set(extra) != {"seeds", "arms"} or not extra["seeds"]:
+                    raise ConfigError(f"family {fam!r}: extra needs seeds (a non-empty list) and arms, e.g. "
+                                      "{seeds: [2], arms: [plain, dnq]}")
+                clash = sorted(set(map(int, extra["seeds"])) & set(map(int, spec["seeds"])))
+                if clash:
+                    raise ConfigError(f"family {fam!r}: extra seeds {clash} are already among its seeds")
+                bad = [a for a in extra["arms"] if a not in self.arms]
+                if bad or self.control not in extra["arms"]:
+                    raise ConfigError(f"family {fam!r}: extra arms must be arms of the protocol and include the "
+                                      f"control {self.control!r}; got {list(extra['arms'])}")
         if any(not e > 0 for e in self.epochs):
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         for arm, spec in self.arms.items():
@@ -201,16 +217,29 @@ class Protocol:
     # ------------------------------------------------------------------ the plan
 
     def replicates(self, family: str | None = None) -> list[Replicate]:
+        """Every (parent, seed) pair: each family's seeds first, then its extra seeds (which run
+        :meth:`arms_for` says)."""
         out = []
         for fam, spec in self.families.items():
             if family is not None and fam != family:
                 continue
-            for parent in spec["parents"]:
-                for seed in spec["seeds"]:
-                    out.append(Replicate(fam, str(parent), int(seed)))
+            extra = (spec.get("extra") or {}).get("seeds", [])
+            for seeds in (spec["seeds"], extra):
+                for parent in spec["parents"]:
+                    for seed in seeds:
+                        out.append(Replicate(fam, str(parent), int(seed)))
         return out
 
+    def arms_for(self, replicate: Replicate) -> list[str]:
+        """The arms a replicate runs: all of them, or on a family's extra seeds its extra arms."""
+        spec = self.families[replicate.family]
+        extra = spec.get("extra")
+        if extra and replicate.seed in {int(s) for s in extra["seeds"]}:
+            return [a for a in self.arms if a in extra["arms"]]
+        return list(self.arms)
+
     def search_replicates(self) -> list[Replicate]:
+        """The first N replicates of the first family (its main seeds before any extra ones)."""
         if self.search is None:
             return []
         return self.replicates(next(iter(self.families)))[: int(self.search.get("replicates", 3))]
