@@ -76,3 +76,34 @@ def test_the_readme_module_table_names_every_module() -> None:
             continue
         modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     assert sorted(modules - named) == []
+
+
+def test_every_import_inside_the_package_resolves() -> None:
+    """Commands and helpers import their compute code lazily, inside functions, where a wrong
+    relative path only fails when that line first runs; check every one of them now."""
+    import ast
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    bad = []
+    for path in sorted((root / "workbench").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        package = list(parts if parts[-1] == "__init__" else parts[:-1])
+        package = [p for p in package if p != "__init__"]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package[: len(package) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            try:
+                module = importlib.import_module(target)
+            except ImportError as e:
+                bad.append(f"{path.name}:{node.lineno}: {target} ({e})")
+                continue
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{target}.{alias.name}")
+                    except ImportError:
+                        bad.append(f"{path.name}:{node.lineno}: {target} has no {alias.name}")
+    assert bad == []

@@ -97,9 +97,9 @@ def _finetune_command(args: Any) -> int:
     """``workbench study finetune``: exit 8 if a member failed (the report lists it)."""
     import json
 
-    from .batch.finetune_report import write_report
-    from .batch.finetune_study import run_protocol
-    from .batch.protocol import Protocol
+    from ..batch.finetune_report import write_report
+    from ..batch.finetune_study import run_protocol
+    from ..batch.protocol import Protocol
 
     protocol = Protocol.from_file(args.protocol)
     failed: list = []
