@@ -75,16 +75,18 @@ class ActQuantizer(nn.Module):
             self.scale.copy_(qp.step.reshape(()).float())
             self.zero_point.copy_(qp.zero_point.reshape(()).to(torch.int32))
             self.observer = None  # drop the calibration sample
-        self._sync_numbers()
+        self.sync_numbers()
         self.mode = "quant"
 
-    def _sync_numbers(self) -> None:
+    def sync_numbers(self) -> None:
+        """Refresh the Python copies of scale and range the fast path reads, after the ``scale`` or
+        ``zero_point`` buffers changed (a reparameterization, a learned step, a loaded state)."""
         zp = int(self.zero_point)
         self._scale_f, self._lo, self._hi = float(self.scale), float(self.qmin - zp), float(self.qmax - zp)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._sync_numbers()  # keep the python copies in step with loaded buffers
+        self.sync_numbers()  # keep the python copies in step with loaded buffers
         if self.scheme == "uniform":
             self.mode, self.observer = "quant", None  # loaded scales are calibrated scales
 

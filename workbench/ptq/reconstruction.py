@@ -263,7 +263,7 @@ def _reconstruct_unit(unit: nn.Module, q_in: torch.Tensor, fp_in: torch.Tensor |
                 q.scale.copy_(s.step.detach().abs().clamp_min(quant.EPS_STEP).reshape(()))
                 del q.__dict__["_learner"]
                 q.mode = "quant"
-                q._sync_numbers()
+                q.sync_numbers()
     flipped = sum(int((m.weight_q != _nearest(m)).sum()) for m in layers)
     return {"layers": len(layers), "act_steps": len(steps), "final_loss": float(rec), "flipped": flipped}
 

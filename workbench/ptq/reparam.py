@@ -103,7 +103,7 @@ def reparameterize(norm: nn.LayerNorm, layer: QuantLayer, lo: torch.Tensor, hi: 
     q.zero_point.copy_(z_t.to(torch.int32).reshape(()))
     q.observer = None
     q.mode = "quant"
-    q._sync_numbers()
+    q.sync_numbers()
     return {"channels": int(s.numel()), "step_ratio_max": float(r1.max()), "step_ratio_min": float(r1.min())}
 
 
