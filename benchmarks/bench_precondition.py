@@ -20,8 +20,8 @@ import time
 import torch
 from torch import nn
 
-from workbench.train_method import StepContext
 from workbench.precondition import MethodConfig, create_method
+from workbench.train_method import StepContext
 
 
 def build_model(name: str) -> nn.Module:

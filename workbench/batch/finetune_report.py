@@ -240,6 +240,8 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
     fams = protocol.get("families", {})
     lines.append(f"- protocol `{protocol.get('name')}`: " + "; ".join(
         f"{fam}: parents {', '.join(f'`{p}`' for p in spec['parents'])} x fine-tune seeds {spec['seeds']}"
+        + (f", and seeds {spec['extra']['seeds']} for {', '.join(f'`{a}`' for a in spec['extra']['arms'])} only"
+           if spec.get("extra") else "")
         for fam, spec in fams.items()))
     lines.append(f"- arms (fine-tunes of the same parent, seed and steps; `{control}` is the control): " + ", ".join(
         f"`{a}` ({', '.join(f'{k}={v}' for k, v in spec.items())})" for a, spec in protocol.get("arms", {}).items()))
@@ -286,8 +288,8 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                       "[95 % t interval] over the replicates; ▲/▼ where the interval excludes 0. Each value is the "
                       "mean over the calibration draws (column `draws`). Intervals are not corrected for the "
                       "many cells.", "",
-                      f"| setting | draws | `{control}` mean ± std | " + " | ".join(f"`{a}` - `{control}`" for a in arms
-                                                                                 if a != control) + " |",
+                      f"| setting | draws | `{control}` mean ± std | " + " | ".join(
+                          f"`{a}` - `{control}` ({_pairs(rows, a)} pairs)" for a in arms if a != control) + " |",
                       "|---|---|---|" + "---|" * (len(arms) - 1)]
             cell = {(r["setting"], r["arm"]): r for r in rows}
             for s in settings:
@@ -433,6 +435,11 @@ def load_report(dest: str | Path) -> dict[str, Any]:
     text = render(tables, analysis, meta["protocol"], source=meta["source"], commit=meta.get("commit", ""),
                   links=meta.get("links", ""))
     return {"tables": tables, "protocol": meta["protocol"], "analysis": analysis, "markdown": text, "meta": meta}
+
+
+def _pairs(rows: list[dict[str, Any]], arm: str) -> int:
+    """The most pairs any setting of ``arm`` has (a column header: arms on extra seeds have more)."""
+    return max((int(r.get("n_pairs") or 0) for r in rows if r["arm"] == arm), default=0)
 
 
 def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str | Path | None = None,
