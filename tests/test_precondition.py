@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.errors import ConfigError, ModelError, UnknownNameError
+from workbench.errors import ConfigError, ModelError, UnknownNameError, WorkbenchWarning
 from workbench.precondition import (
     MethodConfig,
     SAMMethod,
@@ -181,6 +181,30 @@ def test_swa_averages_last_epochs_and_updates_bn() -> None:
     with torch.no_grad():
         expected = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x, _ in data]).mean(0)
     assert torch.allclose(model[1].running_mean, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["anoise", "dnq", "uniform", "wnoise"])
+def test_noise_methods_estimate_batchnorm_statistics_again_without_the_noise(name: str) -> None:
+    """The running statistics gathered during training hold the noise's variance; after finalize
+    they are those of the clean model over the training batches, computed here in closed form."""
+    model = small_cnn()
+    data = fake_data()
+    method = create_method(MethodConfig(method=name, w_bits=2, a_bits=2, noise_mult=3.0))
+    ctx = make_ctx(model, batches=data)
+    run(method, model, ctx, data)
+    assert not method.handle  # the noise is off, and the model is plain again
+    conv, bn = model[0], model[1]
+    with torch.no_grad():
+        outs = [conv(x) for x, _ in data]
+        mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+        var = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6, rtol=0)
+    assert torch.allclose(bn.running_var, var, atol=1e-6, rtol=1e-6)
+    # no training batches: the statistics stay as they are, and a warning says what that leaves
+    model2 = small_cnn()
+    method2 = create_method(MethodConfig(method=name, w_bits=2, a_bits=2, noise_mult=3.0))
+    with pytest.warns(WorkbenchWarning, match="BatchNorm but no training batches"):
+        run(method2, model2, make_ctx(model2), data)
 
 
 def test_swa_every_averages_the_weights_after_each_step_of_the_last_part() -> None:
