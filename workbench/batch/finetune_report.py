@@ -410,11 +410,12 @@ def render(tables: Mapping[str, list[dict[str, Any]]], analysis: Mapping[str, li
     others = list(dict.fromkeys(r["versus"] for r in h2h))
     lines = ["", f"### `{arm}` against the other arms at equal steps", "",
              f"`{arm}` minus each arm of the same parent and seed, [95 % t interval]; ▲/▼ where it excludes 0.", "",
-             "| setting | " + " | ".join(f"`{arm}` - `{o}`" for o in others) + " |", "|---|" + "---|" * len(others)]
+             "| family | epochs | setting | " + " | ".join(f"`{arm}` - `{o}`" for o in others) + " |",
+             "|---|---|---|" + "---|" * len(others)]
     cell = {(r["family"], r["epochs"], r["setting"], r["versus"]): r for r in h2h}
     for key in sorted({(r["family"], r["epochs"], r["setting"]): r for r in h2h if r["bits"] != "own"}.values(),
                       key=lambda r: (r["family"], r["epochs"], _setting_order(r))):
-        lines.append(f"| {key['setting']} | " + " | ".join(
+        lines.append(f"| {key['family']} | {float(key['epochs']):g} | {key['setting']} | " + " | ".join(
             diff_cell(cell.get((key["family"], key["epochs"], key["setting"], o))) for o in others) + " |")
     return text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
 
