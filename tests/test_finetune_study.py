@@ -316,9 +316,14 @@ def test_the_committed_report_is_what_its_tables_say():
     text = (root / "docs" / "results.md").read_text(encoding="utf-8")
     block = text.split(fr.BEGIN, 1)[1].split(fr.END, 1)[0].strip()
     assert block == report["markdown"].strip()
-    # and the headline rows behind it pair 6 replicates per arm at W4A4 and W3A3
+    # and the headline rows behind it pair every replicate the protocol runs the arm on (the
+    # extra seeds only for the arms named with them), at W4A4 and W3A3, in every family
+    protocol = Protocol.from_dict(report["protocol"])
     rows = fr.headline_rows(report, columns=["mse"])
-    assert rows and all(r["pairs"] == 6 for r in rows)
+    assert {r["family"] for r in rows} == set(protocol.families)
+    for r in rows:
+        expected = sum(r["arm"] in protocol.arms_for(rep) for rep in protocol.replicates(r["family"]))
+        assert r["pairs"] == expected, r
 
 
 def test_curvature_is_paired_by_replicate_with_a_hand_computed_interval():
