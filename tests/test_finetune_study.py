@@ -248,6 +248,49 @@ def test_extra_seeds_run_only_their_arms_and_are_paired_with_their_control(tmp_p
             _protocol(families={"f": {**fams["f"], "extra": bad}}, arms=arms, search=None)
 
 
+def test_a_family_may_run_fewer_arms_on_its_own_budget(tmp_path: Path):
+    # a costly family (the full dataset) runs the main arms on a shorter fine-tune; the others keep
+    # every arm and the protocol's budget, and the search stays on the first family's budget
+    fams = {"mini": {"parents": ["zoo:a"], "seeds": [0, 1, 2]},
+            "full": {"parents": ["zoo:b"], "seeds": [0, 1], "arms": ["plain", "dnq"], "epochs": 0.15}}
+    arms = {"plain": {"method": "plain"}, "dnq": {"method": "dnq", "noise_mult": "search"}, "sam": {"method": "sam"}}
+    p = _protocol(families=fams, arms=arms, epochs=[1, 3])
+    assert p.arms_of("mini") == ["plain", "dnq", "sam"] and p.arms_of("full") == ["plain", "dnq"]
+    assert p.epochs_for("mini") == [1.0, 3.0] and p.epochs_for("full") == [0.15]
+    assert [(r.name, e) for r, e in p.budgets()] == [("a-s0", 1.0), ("a-s1", 1.0), ("a-s2", 1.0), ("b-s0", 0.15),
+                                                      ("b-s1", 0.15), ("a-s0", 3.0), ("a-s1", 3.0), ("a-s2", 3.0)]
+    assert p.search_epochs() == 1.0
+    write_json(tmp_path / "protocol.json", p.to_dict())
+    listed = {(m["replicate"], m["arm"], m["epochs"]) for m in collect(tmp_path)["members"]}
+    assert len(listed) == 3 * 3 * 2 + 2 * 2 and ("b-s0", "sam", 0.15) not in listed and ("b-s1", "dnq", 0.15) in listed
+    assert not any(rep.startswith("b-") and ep != 0.15 for rep, _, ep in listed)
+    text = fr.markdown(collect(tmp_path), [], [], [], [], p.to_dict(), source="t")
+    assert "`zoo:b` x fine-tune seeds [0, 1]; arms `plain`, `dnq` only; budget [0.15] epoch(s)" in text
+    for bad, words in (({"arms": ["dnq"]}, "the control"), ({"arms": ["plain", "swa"]}, "arms of the protocol"),
+                       ({"epochs": 0}, "epochs must be numbers > 0"), ({"epochs": [1, "x"]}, "epochs must be"),
+                       ({"budget": 1}, "unknown key")):
+        with pytest.raises(ConfigError, match=words):
+            _protocol(families={"mini": fams["mini"], "full": {**fams["full"], **bad}}, arms=arms)
+    with pytest.raises(ConfigError, match="must be arms"):  # extra arms the family does not run
+        _protocol(families={"full": {**fams["full"], "extra": {"seeds": [5], "arms": ["plain", "sam"]}}}, arms=arms,
+                  search=None)
+
+
+def test_the_finetune_warm_up_is_a_tenth_of_the_budget():
+    from workbench import models
+    from workbench.train import lr_factor
+
+    assert models.finetune_recipe("vit-micro")["warmup_epochs"] == pytest.approx(0.1)  # the committed members'
+    r = models.finetune_recipe("vit-micro", epochs=0.15)
+    assert r["epochs"] == 0.15 and r["warmup_epochs"] == pytest.approx(0.015)
+    # 69 steps (0.15 of a 461-step epoch): warm up over the first 7 (not 46, two thirds of the run,
+    # as a one-epoch warm-up would), then a cosine decay that is half done by the middle of the rest
+    steps, warm = 69, round(r["warmup_epochs"] * 461)
+    ratio = r["min_lr"] / r["lr"]
+    lrs = [lr_factor(s, steps, warm, ratio) for s in range(steps)]
+    assert warm == 7 and lrs[warm - 1] == 1.0 and lrs[warm + 31] == pytest.approx(0.5 + ratio / 2) and lrs[-1] < 0.02
+
+
 def test_settings_cover_draws_float_attention_and_strong_arms():
     p = _protocol(ptq={"bits": ["W4A4", "W3A3"], "observers": ["minmax", "mse"], "calib_draws": 3,
                        "draw_bits": ["W3A3"], "float_attention": ["W4A4"],

@@ -75,6 +75,10 @@ def test_init_through_the_cli_records_the_parent_and_uses_the_fine_tune_recipe(p
                      "--out", str(tmp_path / "half"), "--no-progress", "--json"]) == 0
     half = json.loads(capsys.readouterr().out)
     assert half["steps"] == round(0.5 * (len(data.load("digits").train) // 64))
+    # ... and warms up over a tenth of itself, as the study's members do (their recorded command
+    # reproduces them)
+    half_run = json.loads((tmp_path / "half" / "run.json").read_text())
+    assert half_run["params"]["train"]["warmup_epochs"] == pytest.approx(0.05)
 
 
 def test_init_refuses_what_cannot_be_a_fine_tune(parent, tmp_path, capsys):

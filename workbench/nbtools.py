@@ -344,7 +344,7 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
         parent, parent_ckpt, record = load_init(init, dev, info=bundle.info)
         model, model_args = record["model"], dict(parent_ckpt["model_spec"].get("overrides", {}))
         _check_parent_fits(parent.workbench_spec, bundle, init, record["data"])
-        recipe = wmodels.finetune_recipe(model)
+        recipe = wmodels.finetune_recipe(model, epochs=epochs)
     else:
         if not epochs:
             raise ConfigError("epochs=0 trains nothing: give a trained starting point (init='zoo:NAME' or a "

@@ -29,6 +29,7 @@ from .. import stats
 from ..errors import ConfigError
 from ..runinfo import atomic_write_text, git_commit, write_csv, write_json
 from .finetune_curvature import curvature_paired, curvature_paired_markdown, curvature_summary, diff_cell, fmt
+from .protocol import family_epochs
 
 #: Markers of the generated block in a Markdown file (docs/results.md).
 BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
@@ -242,6 +243,8 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
         f"{fam}: parents {', '.join(f'`{p}`' for p in spec['parents'])} x fine-tune seeds {spec['seeds']}"
         + (f", and seeds {spec['extra']['seeds']} for {', '.join(f'`{a}`' for a in spec['extra']['arms'])} only"
            if spec.get("extra") else "")
+        + (f"; arms {', '.join(f'`{a}`' for a in spec['arms'])} only" if spec.get("arms") else "")
+        + (f"; budget {family_epochs(protocol, fam)} epoch(s)" if "epochs" in spec else "")
         for fam, spec in fams.items()))
     lines.append(f"- arms (fine-tunes of the same parent, seed and steps; `{control}` is the control): " + ", ".join(
         f"`{a}` ({', '.join(f'{k}={v}' for k, v in spec.items())})" for a, spec in protocol.get("arms", {}).items()))
@@ -274,7 +277,7 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
                          f"{c['eligible']} | {'**yes**' if str(c['chosen']) == 'True' else ''} |")
         lines.append("")
     for fam in fams:
-        for ep in protocol.get("epochs", [1.0]):
+        for ep in family_epochs(protocol, fam):
             ep = float(ep)
             rows = [r for r in paired if r["family"] == fam and r["epochs"] == ep]
             if not rows:
@@ -468,7 +471,7 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
             write_csv(dest / f"{name}.csv", rows)
             paths[name] = dest / f"{name}.csv"
     for fam in protocol.get("families", {}):
-        for ep in protocol.get("epochs", [1.0]):
+        for ep in family_epochs(protocol, fam):
             if any(r["family"] == fam and r["epochs"] == float(ep) for r in paired):
                 for name, fig in ((f"paired_{fam}_e{float(ep):g}", paired_figure(paired, fam, float(ep))),
                                   (f"accuracy_{fam}_e{float(ep):g}", accuracy_figure(paired, fam, float(ep)))):

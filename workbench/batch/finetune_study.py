@@ -110,14 +110,13 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     curv = protocol.curvature is not None
     first: list[dict[str, Any]] = []
     val = [protocol.search_setting()] if protocol.search else []
-    for epochs in protocol.epochs:
-        for rep in protocol.replicates():
-            for arm in protocol.arms_for(rep):
-                if not protocol.depends_on_search(arm):
-                    first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
-                                      settings=[] if only_search else protocol.settings(arm),
-                                      val_settings=val if rep in protocol.search_replicates() else [],
-                                      curvature=curv and not only_search))
+    for rep, epochs in protocol.budgets():
+        for arm in protocol.arms_for(rep):
+            if not protocol.depends_on_search(arm):
+                first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
+                                  settings=[] if only_search else protocol.settings(arm),
+                                  val_settings=val if rep in protocol.search_replicates() else [],
+                                  curvature=curv and not only_search))
     for rep, fields, epochs in search_members(protocol):
         first.append(_job(protocol, out, rep, fields, epochs, settings=[], val_settings=val, curvature=False))
     if only_search:
@@ -127,7 +126,7 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     if not only_search and protocol.search and chosen.get("chosen") is not None:
         second = [_job(protocol, out, rep, protocol.arm_config(arm, chosen["chosen"]), epochs,
                        settings=protocol.settings(arm), val_settings=[], curvature=curv)
-                  for epochs in protocol.epochs for rep in protocol.replicates()
+                  for rep, epochs in protocol.budgets()
                   for arm in protocol.arms_for(rep) if protocol.depends_on_search(arm)]
         statuses += _execute(_merge(second), jobs, progress)
     tables = collect(out)
@@ -149,7 +148,7 @@ def search_members(protocol: Protocol) -> list[tuple[Replicate, dict[str, Any], 
     for value in s["values"]:
         fields = {**spec, **{k: float(value) for k in keys}}
         for rep in protocol.search_replicates():
-            out.append((rep, fields, protocol.epochs[0]))
+            out.append((rep, fields, protocol.search_epochs()))
     return out
 
 
@@ -173,7 +172,7 @@ def choose(protocol: Protocol, out: Path) -> dict[str, Any]:
     def scores(fields: Mapping[str, Any]) -> tuple[list[float], list[float]]:
         fp, q = [], []
         for rep in reps:
-            folder = out / "members" / member_id(rep, fields, protocol.epochs[0])
+            folder = out / "members" / member_id(rep, fields, protocol.search_epochs())
             info = _read_json(folder / "member.json")
             rows = [r for r in read_rows(folder / "ptq.csv") if r["split"] == "val" and r["setting"] == setting.label]
             if info and "val_accuracy" in info and rows:
@@ -231,34 +230,33 @@ def collect(out: str | Path, protocol: Protocol | None = None) -> dict[str, list
     search = _read_json(out / "search.json") or {}
     chosen = search.get("chosen")
     members, ptq, curvature = [], [], []
-    for epochs in protocol.epochs:
-        for rep in protocol.replicates():
-            for arm in protocol.arms_for(rep):
-                if protocol.depends_on_search(arm) and not chosen:
-                    members.append(_member_row(rep, arm, epochs, None, {"status": "waiting for the search"}))
-                    continue
-                folder = out / "members" / member_id(rep, protocol.arm_config(arm, chosen), epochs)
-                status = _read_json(folder / "status.json") or {"status": "not run"}
-                info = _read_json(folder / "member.json") or {}
-                rep_curv = _read_json(folder / "curvature.json")
-                ptq_rows = read_rows(folder / "ptq.csv")
-                row = _member_row(rep, arm, epochs, info, status, folder.relative_to(out))
-                # the member's measured work, summed from its parts: a rerun that finds it done does not reset it
-                row["work_seconds"] = (float(info.get("train_seconds") or 0.0) + (rep_curv or {}).get("seconds", 0.0)
-                                       + sum(float(r.get("calib_time_s") or 0) + float(r.get("eval_time_s") or 0)
-                                             for r in ptq_rows)) if info else None
-                members.append(row)
-                base = {"family": rep.family, "replicate": rep.name, "parent": rep.parent, "seed": rep.seed,
-                        "arm": arm, "epochs": epochs}
-                if info.get("test_accuracy") is not None:
-                    ptq.append({**base, "setting": "FP32", "bits": "FP32", "column": "fp", "draw": 0, "split": "test",
-                                "accuracy": info["test_accuracy"], "loss": info["test_loss"]})
-                if info.get("qat_own_accuracy") is not None:
-                    ptq.append({**base, "setting": "own/qat", "bits": "own", "column": "qat-own", "draw": 0,
-                                "split": "test", "accuracy": info["qat_own_accuracy"], "loss": info["qat_own_loss"]})
-                ptq += [{**base, **r} for r in ptq_rows if r["split"] == "test"]
-                if rep_curv:
-                    curvature += curvature_rows(base, rep_curv, info)
+    for rep, epochs in protocol.budgets():
+        for arm in protocol.arms_for(rep):
+            if protocol.depends_on_search(arm) and not chosen:
+                members.append(_member_row(rep, arm, epochs, None, {"status": "waiting for the search"}))
+                continue
+            folder = out / "members" / member_id(rep, protocol.arm_config(arm, chosen), epochs)
+            status = _read_json(folder / "status.json") or {"status": "not run"}
+            info = _read_json(folder / "member.json") or {}
+            rep_curv = _read_json(folder / "curvature.json")
+            ptq_rows = read_rows(folder / "ptq.csv")
+            row = _member_row(rep, arm, epochs, info, status, folder.relative_to(out))
+            # the member's measured work, summed from its parts: a rerun that finds it done does not reset it
+            row["work_seconds"] = (float(info.get("train_seconds") or 0.0) + (rep_curv or {}).get("seconds", 0.0)
+                                   + sum(float(r.get("calib_time_s") or 0) + float(r.get("eval_time_s") or 0)
+                                         for r in ptq_rows)) if info else None
+            members.append(row)
+            base = {"family": rep.family, "replicate": rep.name, "parent": rep.parent, "seed": rep.seed,
+                    "arm": arm, "epochs": epochs}
+            if info.get("test_accuracy") is not None:
+                ptq.append({**base, "setting": "FP32", "bits": "FP32", "column": "fp", "draw": 0, "split": "test",
+                            "accuracy": info["test_accuracy"], "loss": info["test_loss"]})
+            if info.get("qat_own_accuracy") is not None:
+                ptq.append({**base, "setting": "own/qat", "bits": "own", "column": "qat-own", "draw": 0,
+                            "split": "test", "accuracy": info["qat_own_accuracy"], "loss": info["qat_own_loss"]})
+            ptq += [{**base, **r} for r in ptq_rows if r["split"] == "test"]
+            if rep_curv:
+                curvature += curvature_rows(base, rep_curv, info)
     search_rows = [{k: v for k, v in c.items()} for c in search.get("candidates", [])]
     for name, rows in (("members", members), ("ptq", ptq), ("curvature", curvature), ("search", search_rows)):
         if rows:

@@ -84,8 +84,8 @@ def _train(folder: Path, replicate: Replicate, method_fields: Mapping[str, Any],
 
     parent, parent_ckpt, init = load_init(replicate.parent)
     bundle = member_bundle(parent_ckpt, val_size=val_size, split_seed=split_seed)
-    recipe = finetune_recipe(init["model"])
-    cfg = TrainConfig.from_dict({**recipe, "epochs": epochs, "seed": replicate.seed, "device": "cpu"})
+    recipe = finetune_recipe(init["model"], epochs=epochs)
+    cfg = TrainConfig.from_dict({**recipe, "seed": replicate.seed, "device": "cpu"})
     mcfg = MethodConfig.from_dict(dict(method_fields))
     set_seed(cfg.seed)
     run = prepare_run_dir(folder / "run", overwrite=True)  # a half-trained run of a crashed attempt goes

@@ -12,6 +12,11 @@ with the control of the same replicate (paired). The protocol file (YAML) says::
         parents: [zoo:vit-micro-mini-s0, zoo:vit-micro-mini-s1, zoo:vit-micro-mini-s2]
         seeds: [0, 1]               # fine-tune seeds per parent: 3 x 2 = 6 replicates
         extra: {seeds: [2], arms: [plain, dnq]}   # optional: more replicates for these arms only
+      vit-micro-fmnist:
+        parents: [zoo:vit-micro-fmnist]
+        seeds: [0, 1, 2, 3, 4]
+        arms: [plain, dnq]          # optional: the arms this family runs (default: all; the control always)
+        epochs: 0.15                # optional: this family's budget(s), instead of the protocol's
     arms:                           # MethodConfig fields; noise_mult: search = the searched value
       plain: {method: plain}
       dnq: {method: dnq, w_bits: 4, a_bits: 4, noise_mult: search}
@@ -54,6 +59,9 @@ from ..quant import parse_bits_pair
 
 #: The value of ``noise_mult`` (or another searched field) that means "the search's choice".
 SEARCHED = "search"
+
+#: What a family may say: its parents and seeds, and optionally extra seeds, its arms and its budget.
+FAMILY_KEYS = {"parents", "seeds", "extra", "arms", "epochs"}
 
 #: PTQConfig fields a strong setting may set (the rest: the protocol's bits and n_calib).
 STRONG_FIELDS = {"observer", "w_observer", "bias_correction", "reconstruction", "qdrop", "recon_iters", "repq",
@@ -161,9 +169,19 @@ class Protocol:
         for fam, spec in self.families.items():
             if not spec.get("parents") or not spec.get("seeds"):
                 raise ConfigError(f"family {fam!r} needs a list of parents and a list of seeds")
-            unknown = sorted(set(spec) - {"parents", "seeds", "extra"})
+            unknown = sorted(set(spec) - FAMILY_KEYS)
             if unknown:
-                raise ConfigError(f"family {fam!r}: unknown key(s) {unknown}; valid: extra, parents, seeds")
+                raise ConfigError(f"family {fam!r}: unknown key(s) {unknown}; valid: {', '.join(sorted(FAMILY_KEYS))}")
+            if "arms" in spec:
+                arms = spec["arms"]
+                bad = [a for a in arms if a not in self.arms] if isinstance(arms, (list, tuple)) else [arms]
+                if bad or self.control not in arms:
+                    raise ConfigError(f"family {fam!r}: arms must list arms of the protocol, the control "
+                                      f"{self.control!r} among them; got {arms!r}")
+            budgets = family_epochs(self.to_dict(), fam)
+            if not budgets or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in budgets):
+                raise ConfigError(f"family {fam!r}: epochs must be numbers > 0 (a fraction trains part of an "
+                                  f"epoch), got {spec.get('epochs', self.epochs)!r}")
             extra = spec.get("extra")
             if extra is not None:
                 if not isinstance(extra, Mapping) or set(extra) != {"seeds", "arms"} or not extra["seeds"]:
@@ -172,7 +190,7 @@ class Protocol:
                 clash = sorted(set(map(int, extra["seeds"])) & set(map(int, spec["seeds"])))
                 if clash:
                     raise ConfigError(f"family {fam!r}: extra seeds {clash} are already among its seeds")
-                bad = [a for a in extra["arms"] if a not in self.arms]
+                bad = [a for a in extra["arms"] if a not in self.arms_of(fam)]
                 if bad or self.control not in extra["arms"]:
                     raise ConfigError(f"family {fam!r}: extra arms must be arms of the protocol and include the "
                                       f"control {self.control!r}; got {list(extra['arms'])}")
@@ -230,19 +248,37 @@ class Protocol:
                         out.append(Replicate(fam, str(parent), int(seed)))
         return out
 
+    def arms_of(self, family: str) -> list[str]:
+        """The arms a family runs (its ``arms`` key, else all), in the protocol's order."""
+        chosen = self.families[family].get("arms")
+        return [a for a in self.arms if chosen is None or a in chosen]
+
     def arms_for(self, replicate: Replicate) -> list[str]:
-        """The arms a replicate runs: all of them, or on a family's extra seeds its extra arms."""
+        """The arms a replicate runs: its family's, or on a family's extra seeds its extra arms."""
         spec = self.families[replicate.family]
         extra = spec.get("extra")
         if extra and replicate.seed in {int(s) for s in extra["seeds"]}:
-            return [a for a in self.arms if a in extra["arms"]]
-        return list(self.arms)
+            return [a for a in self.arms_of(replicate.family) if a in extra["arms"]]
+        return self.arms_of(replicate.family)
+
+    def epochs_for(self, family: str) -> list[float]:
+        """The fine-tune budgets of ``family``: its own ``epochs``, else the protocol's."""
+        return [float(e) for e in family_epochs(self.to_dict(), family)]
+
+    def budgets(self) -> list[tuple[Replicate, float]]:
+        """Every (replicate, epochs) pair to fine-tune, budget by budget."""
+        pairs = [(rep, e) for rep in self.replicates() for e in self.epochs_for(rep.family)]
+        return sorted(pairs, key=lambda pair: self.epochs_for(pair[0].family).index(pair[1]))  # stable
 
     def search_replicates(self) -> list[Replicate]:
         """The first N replicates of the first family (its main seeds before any extra ones)."""
         if self.search is None:
             return []
         return self.replicates(next(iter(self.families)))[: int(self.search.get("replicates", 3))]
+
+    def search_epochs(self) -> float:
+        """The budget the search fine-tunes with: the first family's first."""
+        return self.epochs_for(next(iter(self.families)))[0]
 
     def search_setting(self) -> PTQSetting | None:
         if self.search is None:
@@ -283,6 +319,14 @@ class Protocol:
                 for name, spec in (ptq.get("strong") or {}).items():
                     out.append(PTQSetting(f"{b}/{name}", str(b), name, dict(spec)))
         return out
+
+
+def family_epochs(protocol: Mapping[str, Any], family: str) -> list[Any]:
+    """A family's fine-tune budgets from a protocol's dict (as ``protocol.json`` stores it): the
+    family's ``epochs`` (a number or a list), else the protocol's."""
+    spec = (protocol.get("families") or {}).get(family) or {}
+    epochs = spec.get("epochs", protocol.get("epochs", [1.0]))
+    return list(epochs) if isinstance(epochs, (list, tuple)) else [epochs]
 
 
 def member_id(replicate: Replicate, method_fields: Mapping[str, Any], epochs: float) -> str:

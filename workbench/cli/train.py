@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--model {args.model} but the --init checkpoint is a {init['model']}; "
                               "leave --model out when fine-tuning")
         model_name, data_name = init["model"], args.data or init["data"]
-        recipe = models.finetune_recipe(model_name)
+        recipe = models.finetune_recipe(model_name, **({"epochs": args.epochs} if args.epochs else {}))
     else:
         model_name, data_name = args.model or models.DEFAULT_MODEL, args.data or "fashion-mnist-mini"
         pretrained = bool(args.pretrained or args.pretrained_file)

@@ -38,14 +38,15 @@ def default_recipe(name: str) -> dict[str, Any]:
     return dict(RECIPES.get(name, {}))
 
 
-def finetune_recipe(name: str) -> dict[str, Any]:
-    """The TrainConfig fields of a fine-tune from a trained model (``--init``): one epoch, a tenth
-    of the model's peak learning rate, a short warm-up. Pre-conditioning and its plain control
-    share it, so they differ only in the method."""
+def finetune_recipe(name: str, epochs: float = 1) -> dict[str, Any]:
+    """The TrainConfig fields of a fine-tune from a trained model (``--init``): ``epochs`` (one by
+    default), a tenth of the model's peak learning rate, a warm-up over the first tenth of the
+    fine-tune. Pre-conditioning and its plain control share it, so they differ only in the method.
+    The warm-up scales with ``epochs`` so that a fine-tune of part of an epoch still decays."""
     from ..train import TrainConfig
 
     base_lr = default_recipe(name).get("lr", TrainConfig.lr)
-    return {"epochs": 1, "lr": base_lr / 10, "warmup_epochs": 0.1, "min_lr": base_lr / 1000}
+    return {"epochs": epochs, "lr": base_lr / 10, "warmup_epochs": 0.1 * epochs, "min_lr": base_lr / 1000}
 
 
 def list_models() -> list[str]:
