@@ -302,6 +302,28 @@ def test_settings_cover_draws_float_attention_and_strong_arms():
     assert [s.key for s in p.settings("dnq")] == plain + ["W3A3/bc#0"]
 
 
+def test_the_wide_grid_adds_bits_and_observers_for_its_arms_and_families_only():
+    ptq = {"bits": ["W4A4", "W3A3"], "observers": ["minmax", "mse"], "calib_draws": 2, "draw_bits": ["W4A4"],
+           "wide": {"bits": ["W8A8", "W4A4"], "observers": ["percentile", "mse"], "arms": ["plain", "dnq"],
+                    "families": ["fam"]}}
+    p = _protocol(ptq=ptq, arms={"plain": {"method": "plain"}, "dnq": {"method": "dnq", "noise_mult": "search"},
+                                 "sam": {"method": "sam"}})
+    grid = ["W4A4/minmax#0", "W4A4/minmax#1", "W4A4/mse#0", "W4A4/mse#1", "W3A3/minmax#0", "W3A3/mse#0"]
+    # W4A4/mse is measured by the grid already (two draws): the wide grid does not measure it again
+    assert [s.key for s in p.settings("dnq", "fam")] == grid + ["W8A8/percentile#0", "W8A8/mse#0",
+                                                                "W4A4/percentile#0"]
+    assert [s.key for s in p.settings("sam", "fam")] == grid
+    assert [s.key for s in p.settings("plain", "other")] == grid
+    w = next(s for s in p.settings("plain", "fam") if s.label == "W8A8/percentile")
+    assert (w.bits, w.column, dict(w.fields)) == ("W8A8", "percentile", {"observer": "percentile"})
+    for bad, words in (({"bits": ["W8A8"], "arms": ["dnq"]}, "include the control"),
+                       ({"bits": ["W8A8"], "arms": ["plain"], "families": ["nope"]}, "must be the protocol's"),
+                       ({"arms": ["plain"]}, "needs bits and arms"), ({"bits": ["W8A9x"], "arms": ["plain"]}, "bit widths"),
+                       ({"bits": ["W8A8"], "arms": ["plain"], "observer": ["mse"]}, "needs bits and arms")):
+        with pytest.raises(ConfigError, match=words):
+            _protocol(ptq={**ptq, "wide": bad})
+
+
 # ----------------------------------------------------------------------------- members
 
 

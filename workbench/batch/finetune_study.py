@@ -114,7 +114,7 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
         for arm in protocol.arms_for(rep):
             if not protocol.depends_on_search(arm):
                 first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
-                                  settings=[] if only_search else protocol.settings(arm),
+                                  settings=[] if only_search else protocol.settings(arm, rep.family),
                                   val_settings=val if rep in protocol.search_replicates() else [],
                                   curvature=curv and not only_search))
     for rep, fields, epochs in search_members(protocol):
@@ -125,7 +125,7 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     chosen = choose(protocol, out)
     if not only_search and protocol.search and chosen.get("chosen") is not None:
         second = [_job(protocol, out, rep, protocol.arm_config(arm, chosen["chosen"]), epochs,
-                       settings=protocol.settings(arm), val_settings=[], curvature=curv)
+                       settings=protocol.settings(arm, rep.family), val_settings=[], curvature=curv)
                   for rep, epochs in protocol.budgets()
                   for arm in protocol.arms_for(rep) if protocol.depends_on_search(arm)]
         statuses += _execute(_merge(second), jobs, progress)

@@ -38,6 +38,8 @@ with the control of the same replicate (paired). The protocol file (YAML) says::
       strong: {bc: {observer: mse, bias_correction: true}}
       strong_arms: [plain, dnq]
       strong_bits: [W4A4, W3A3]
+      wide: {bits: [W8A8, W2A4], observers: [minmax, percentile, mse], arms: [plain, dnq],
+             families: [vit-micro-mini]}   # optional: more bits and observers, one draw, for some arms
     curvature: {n_hessian: 256, w_bits: [4, 3], max_probes: 20}
 
 The search criterion is stated here, before anything runs: the value with the highest mean
@@ -218,9 +220,22 @@ class Protocol:
             parse_bits_pair(str(s.get("bits", "W4A4")))
         ptq = self.ptq
         unknown = sorted(set(ptq) - {"bits", "observers", "n_calib", "calib_draws", "draw_bits", "float_attention",
-                                     "strong", "strong_arms", "strong_bits"})
+                                     "strong", "strong_arms", "strong_bits", "wide"})
         if unknown:
             raise ConfigError(f"unknown ptq key(s) {unknown}")
+        wide = ptq.get("wide")
+        if wide is not None:
+            if not isinstance(wide, Mapping) or sorted(set(wide) - {"bits", "observers", "arms", "families"}) \
+                    or not wide.get("bits") or not wide.get("arms"):
+                raise ConfigError("ptq.wide needs bits and arms (and may name observers and families), e.g. "
+                                  "{bits: [W8A8, W2A4], observers: [minmax, mse], arms: [plain, dnq]}")
+            bad = [a for a in wide["arms"] if a not in self.arms] + [
+                f for f in wide.get("families", []) if f not in self.families]
+            if bad or self.control not in wide["arms"]:
+                raise ConfigError(f"ptq.wide: arms and families must be the protocol's, and the arms must include "
+                                  f"the control {self.control!r} (its differences need it); got {bad or wide['arms']}")
+            for b in wide["bits"]:
+                parse_bits_pair(str(b))
         for name, spec in (ptq.get("strong") or {}).items():
             bad = sorted(set(spec) - STRONG_FIELDS)
             if bad:
@@ -228,7 +243,7 @@ class Protocol:
         for arm in ptq.get("strong_arms", []):
             if arm not in self.arms:
                 raise ConfigError(f"strong_arms names {arm!r}, which is not an arm")
-        for s in self.settings(self.control) + self.settings(next(iter(self.arms))):
+        for s in self.settings(self.control, next(iter(self.families))) + self.settings(next(iter(self.arms))):
             w, a = parse_bits_pair(s.bits)
             PTQConfig(w_bits=w, a_bits=a, n_calib=int(ptq.get("n_calib", 128)), **s.fields)
 
@@ -300,8 +315,10 @@ class Protocol:
     def depends_on_search(self, arm: str) -> bool:
         return any(v == SEARCHED for v in self.arms[arm].values())
 
-    def settings(self, arm: str) -> list[PTQSetting]:
-        """Every PTQ measurement a main member of ``arm`` gets, in the order they are run."""
+    def settings(self, arm: str, family: str | None = None) -> list[PTQSetting]:
+        """Every PTQ measurement a main member of ``arm`` (in ``family``) gets, in the order they are
+        run: the grid, the float-attention settings, the strong methods of the strong arms, then
+        the wide grid's settings (one draw) that the grid has not measured already."""
         ptq = self.ptq
         bits = [str(b) for b in ptq.get("bits", ["W4A4", "W3A3"])]
         draws = int(ptq.get("calib_draws", 1))
@@ -318,6 +335,13 @@ class Protocol:
             for b in ptq.get("strong_bits", ["W4A4", "W3A3"]):
                 for name, spec in (ptq.get("strong") or {}).items():
                     out.append(PTQSetting(f"{b}/{name}", str(b), name, dict(spec)))
+        wide = ptq.get("wide") or {}
+        if arm in wide.get("arms", []) and (family is None or family in wide.get("families", [family])):
+            have = {s.label for s in out}
+            for b in wide["bits"]:
+                for obs in wide.get("observers", ["minmax", "mse"]):
+                    if f"{b}/{obs}" not in have:
+                        out.append(PTQSetting(f"{b}/{obs}", str(b), obs, {"observer": obs}))
         return out
 
 
