@@ -174,7 +174,7 @@ def accuracy_figure(paired: Sequence[Mapping[str, Any]], family: str, epochs: fl
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = {r["bits"]: r for r in rows if r["arm"] == arm}
         fig.add_trace(go.Scatter(x=xs, y=[rs[x]["mean"] if x in rs else None for x in xs], mode="lines+markers",
-                                 name=arm, line={"color": method_color(arm)},
+                                 name=arm, line={"color": method_color(arm)}, connectgaps=True,  # arms off the wide grid
                                  error_y={"type": "data", "array": [rs[x]["std"] if x in rs else None for x in xs]}))
     fig.update_layout(title=f"{family}: test accuracy after PTQ ({column}, mean ± std over replicates)",
                       xaxis_title="setting", yaxis_title="accuracy (%)", template="plotly_white")

@@ -194,7 +194,7 @@ class Protocol:
                     raise ConfigError(f"family {fam!r}: extra seeds {clash} are already among its seeds")
                 bad = [a for a in extra["arms"] if a not in self.arms_of(fam)]
                 if bad or self.control not in extra["arms"]:
-                    raise ConfigError(f"family {fam!r}: extra arms must be arms of the protocol and include the "
+                    raise ConfigError(f"family {fam!r}: extra arms must be arms the family runs and include the "
                                       f"control {self.control!r}; got {list(extra['arms'])}")
         if any(not e > 0 for e in self.epochs):
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
