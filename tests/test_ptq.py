@@ -320,6 +320,21 @@ def test_sweep_and_wqe_vs_aqe_rows() -> None:
     assert table[0]["d_accuracy"] == 0.0 and all("d_loss" in r for r in table)
 
 
+def test_drops_are_measured_against_the_fp_row_of_the_same_model() -> None:
+    from workbench.ptq import against_fp
+
+    def row(name: str, config: str, acc: float, loss: float) -> dict:
+        return {"checkpoint": name, "config": config, "accuracy": acc, "loss": loss}
+
+    rows = [row("a", "FP32", 90.0, 0.3), row("b", "FP32", 80.0, 0.5), row("b", "W4A4", 71.5, 0.9),
+            row("a", "W4A4", 88.0, 0.4)]
+    assert against_fp(rows) is rows
+    assert [(r["drop"], r["loss_increase"]) for r in rows] == [(0.0, 0.0), (0.0, 0.0), (8.5, pytest.approx(0.4)),
+                                                                (2.0, pytest.approx(0.1))]
+    with pytest.raises(ConfigError, match=r"no FP32 row for \['c'\].*include_fp=True"):
+        against_fp([row("a", "FP32", 90.0, 0.3), row("c", "W4A4", 50.0, 1.0)])
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path) -> None:
     from workbench.ptq import sweep_checkpoints
 

@@ -378,17 +378,15 @@ def train_methods(methods: Sequence[str | dict[str, Any]], bundle: wdata.DataBun
 def ptq_rows(trained: dict[str, Trained], configs: Sequence[Any], bundle: wdata.DataBundle,
              n_calib: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """:func:`workbench.ptq.sweep` over trained models with ``drop`` (FP minus quantized accuracy)
-    added to each row (introduced in 00_quickstart)."""
-    from .ptq import sweep
+    and ``loss_increase`` added to each row (introduced in 00_quickstart)."""
+    from .ptq import against_fp, sweep
 
     models = [(t.label, t.model, t.method_config.get("method", t.label)) for t in trained.values()]
     dev = model_device(next(iter(trained.values())).model) if trained else "cpu"
-    rows = sweep(models, configs, calib_batches(bundle, n_calib, device=dev), eval_batches(bundle, device=dev),
-                 progress=progress)
-    fp = {r["checkpoint"]: r["accuracy"] for r in rows if r["config"] == "FP32"}
+    rows = against_fp(sweep(models, configs, calib_batches(bundle, n_calib, device=dev),
+                            eval_batches(bundle, device=dev), progress=progress))
     for r in rows:
         r["label"] = r.pop("checkpoint")
-        r["drop"] = fp[r["label"]] - r["accuracy"]
         t = trained[r["label"]]
         r["arm"] = t.arm if t.arm is not None else t.label
         r["seed"] = t.seed

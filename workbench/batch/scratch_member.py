@@ -56,7 +56,7 @@ def member_ptq(label: str, model: nn.Module, method: str, bundle: wdata.DataBund
     accuracy, points) and ``loss_increase`` on every row. Configs that quantize attention matmuls
     are skipped for models without attention (they would repeat the same numbers)."""
     from .. import data as wdata
-    from ..ptq import sweep
+    from ..ptq import against_fp, sweep
 
     dev = model_device(model)
     if not has_attention(model):
@@ -69,13 +69,10 @@ def member_ptq(label: str, model: nn.Module, method: str, bundle: wdata.DataBund
         configs = kept
     calib = list(wdata.batches(bundle.calib, bundle.info, 128, limit=n_calib, device=dev))
     evals = list(wdata.batches(bundle.split(split), bundle.info, 500, device=dev))
-    rows = sweep([(label, model, method)], configs, calib, evals, progress=progress)
-    fp = next(r for r in rows if r["config"] == "FP32")
+    rows = against_fp(sweep([(label, model, method)], configs, calib, evals, progress=progress))
     for r in rows:
         r["label"] = r.pop("checkpoint")
         r["split"] = split
-        r["drop"] = fp["accuracy"] - r["accuracy"]
-        r["loss_increase"] = r["loss"] - fp["loss"]
     return rows
 
 

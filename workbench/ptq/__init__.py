@@ -13,8 +13,8 @@ from typing import Any
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    **dict.fromkeys(("SWEEP_COLUMNS", "configs_from_bits", "format_table", "sweep", "sweep_checkpoints",
-                     "wqe_vs_aqe"), "analysis"),
+    **dict.fromkeys(("SWEEP_COLUMNS", "against_fp", "configs_from_bits", "format_table", "sweep",
+                     "sweep_checkpoints", "wqe_vs_aqe"), "analysis"),
     **dict.fromkeys(("FLOAT_OPS", "PTQConfig", "QuantizedModel", "not_applicable", "quantize_model"), "engine"),
     **dict.fromkeys(("Allocation", "activation_sensitivities", "allocate_bits", "layer_sensitivities"), "mixed"),
     **dict.fromkeys(("ActQuantizer", "QuantAttention", "QuantConv", "QuantLinear"), "modules"),

@@ -165,6 +165,25 @@ def sweep(models: Any, configs: Iterable[PTQConfig], calib_batches: Iterable[Any
     return rows
 
 
+def against_fp(rows: list[dict[str, Any]], key: str = "checkpoint") -> list[dict[str, Any]]:
+    """Add ``drop`` (FP minus quantized accuracy, points) and ``loss_increase`` (quantized minus FP
+    loss) to each row of a :func:`sweep`, against the ``FP32`` row of the same model (``key``).
+    The rows are changed in place and returned.
+
+    Raises:
+        ConfigError: a model has no FP32 row (sweep it with ``include_fp=True``).
+    """
+    fp = {r[key]: r for r in rows if r["config"] == "FP32"}
+    missing = sorted({str(r[key]) for r in rows} - set(map(str, fp)))
+    if missing:
+        raise ConfigError(f"no FP32 row for {missing}: sweep with include_fp=True to measure drops against it")
+    for r in rows:
+        ref = fp[r[key]]
+        r["drop"] = ref["accuracy"] - r["accuracy"]
+        r["loss_increase"] = r["loss"] - ref["loss"]
+    return rows
+
+
 def wqe_vs_aqe(model: nn.Module, calib_batches: Iterable[Any], eval_batches: Iterable[Any],
                bits: Sequence[int] = (8, 6, 4, 3), *, base: PTQConfig | None = None,
                device: torch.device | str | None = None, progress: bool = True) -> list[dict[str, Any]]:
