@@ -252,7 +252,7 @@ def test_a_family_may_run_fewer_arms_on_its_own_budget(tmp_path: Path):
     # a costly family (the full dataset) runs the main arms on a shorter fine-tune; the others keep
     # every arm and the protocol's budget, and the search stays on the first family's budget
     fams = {"mini": {"parents": ["zoo:a"], "seeds": [0, 1, 2]},
-            "full": {"parents": ["zoo:b"], "seeds": [0, 1], "arms": ["plain", "dnq"], "epochs": 0.15}}
+            "full": {"parents": ["zoo:b"], "seeds": [0, 1], "arms": ["plain", "dnq"], "epochs": 0.15, "n_eval": 500}}
     arms = {"plain": {"method": "plain"}, "dnq": {"method": "dnq", "noise_mult": "search"}, "sam": {"method": "sam"}}
     p = _protocol(families=fams, arms=arms, epochs=[1, 3])
     assert p.arms_of("mini") == ["plain", "dnq", "sam"] and p.arms_of("full") == ["plain", "dnq"]
@@ -260,15 +260,22 @@ def test_a_family_may_run_fewer_arms_on_its_own_budget(tmp_path: Path):
     assert [(r.name, e) for r, e in p.budgets()] == [("a-s0", 1.0), ("a-s1", 1.0), ("a-s2", 1.0), ("b-s0", 0.15),
                                                       ("b-s1", 0.15), ("a-s0", 3.0), ("a-s1", 3.0), ("a-s2", 3.0)]
     assert p.search_epochs() == 1.0
+    assert p.n_eval_for("mini") is None and p.n_eval_for("full") == 500  # its first 500 test images
+    from workbench.batch.finetune_study import _job
+
+    jobs = {r.family: _job(p, tmp_path, r, {"method": "plain"}, e, settings=[], val_settings=[], curvature=False)
+            for r, e in p.budgets()}
+    assert (jobs["mini"]["n_eval"], jobs["full"]["n_eval"], jobs["full"]["epochs"]) == (None, 500, 0.15)
     write_json(tmp_path / "protocol.json", p.to_dict())
     listed = {(m["replicate"], m["arm"], m["epochs"]) for m in collect(tmp_path)["members"]}
     assert len(listed) == 3 * 3 * 2 + 2 * 2 and ("b-s0", "sam", 0.15) not in listed and ("b-s1", "dnq", 0.15) in listed
     assert not any(rep.startswith("b-") and ep != 0.15 for rep, _, ep in listed)
     text = fr.markdown(collect(tmp_path), [], [], [], [], p.to_dict(), source="t")
-    assert "`zoo:b` x fine-tune seeds [0, 1]; arms `plain`, `dnq` only; budget [0.15] epoch(s)" in text
+    assert ("`zoo:b` x fine-tune seeds [0, 1]; arms `plain`, `dnq` only; budget [0.15] epoch(s); judged on its "
+            "first 500 test images") in text
     for bad, words in (({"arms": ["dnq"]}, "the control"), ({"arms": ["plain", "swa"]}, "arms of the protocol"),
                        ({"epochs": 0}, "epochs must be numbers > 0"), ({"epochs": [1, "x"]}, "epochs must be"),
-                       ({"budget": 1}, "unknown key")):
+                       ({"budget": 1}, "unknown key"), ({"n_eval": 0}, "n_eval must be"), ({"n_eval": 2.5}, "whole")):
         with pytest.raises(ConfigError, match=words):
             _protocol(families={"mini": fams["mini"], "full": {**fams["full"], **bad}}, arms=arms)
     with pytest.raises(ConfigError, match="must be arms"):  # extra arms the family does not run

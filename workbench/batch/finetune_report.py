@@ -245,6 +245,7 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
            if spec.get("extra") else "")
         + (f"; arms {', '.join(f'`{a}`' for a in spec['arms'])} only" if spec.get("arms") else "")
         + (f"; budget {family_epochs(protocol, fam)} epoch(s)" if "epochs" in spec else "")
+        + (f"; judged on its first {spec['n_eval']} test images" if spec.get("n_eval") else "")
         for fam, spec in fams.items()))
     lines.append(f"- arms (fine-tunes of the same parent, seed and steps; `{control}` is the control): " + ", ".join(
         f"`{a}` ({', '.join(f'{k}={v}' for k, v in spec.items())})" for a, spec in protocol.get("arms", {}).items()))

@@ -47,7 +47,7 @@ def _job(protocol: Protocol, out: Path, rep: Replicate, fields: Mapping[str, Any
     return {"folder": str(out / "members" / member_id(rep, fields, epochs)), "replicate": rep,
             "method_fields": dict(fields), "epochs": epochs, "settings": settings, "val_settings": val_settings,
             "n_calib": int(protocol.ptq.get("n_calib", 128)), "val_size": protocol.val_size,
-            "split_seed": protocol.split_seed, "n_eval": protocol.n_eval,
+            "split_seed": protocol.split_seed, "n_eval": protocol.n_eval_for(rep.family),
             "curvature": protocol.curvature if curvature else None}
 
 

@@ -17,6 +17,7 @@ with the control of the same replicate (paired). The protocol file (YAML) says::
         seeds: [0, 1, 2, 3, 4]
         arms: [plain, dnq]          # optional: the arms this family runs (default: all; the control always)
         epochs: 0.15                # optional: this family's budget(s), instead of the protocol's
+        n_eval: 2000                # optional: its first N test images (default: the protocol's n_eval)
     arms:                           # MethodConfig fields; noise_mult: search = the searched value
       plain: {method: plain}
       dnq: {method: dnq, w_bits: 4, a_bits: 4, noise_mult: search}
@@ -62,8 +63,9 @@ from ..quant import parse_bits_pair
 #: The value of ``noise_mult`` (or another searched field) that means "the search's choice".
 SEARCHED = "search"
 
-#: What a family may say: its parents and seeds, and optionally extra seeds, its arms and its budget.
-FAMILY_KEYS = {"parents", "seeds", "extra", "arms", "epochs"}
+#: What a family may say: its parents and seeds, and optionally extra seeds, its arms, its budget
+#: and how many test images it is judged on.
+FAMILY_KEYS = {"parents", "seeds", "extra", "arms", "epochs", "n_eval"}
 
 #: PTQConfig fields a strong setting may set (the rest: the protocol's bits and n_calib).
 STRONG_FIELDS = {"observer", "w_observer", "bias_correction", "reconstruction", "qdrop", "recon_iters", "repq",
@@ -184,6 +186,9 @@ class Protocol:
             if not budgets or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in budgets):
                 raise ConfigError(f"family {fam!r}: epochs must be numbers > 0 (a fraction trains part of an "
                                   f"epoch), got {spec.get('epochs', self.epochs)!r}")
+            n_eval = spec.get("n_eval")
+            if n_eval is not None and (isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 1):
+                raise ConfigError(f"family {fam!r}: n_eval must be a whole number of test images >= 1, got {n_eval!r}")
             extra = spec.get("extra")
             if extra is not None:
                 if not isinstance(extra, Mapping) or set(extra) != {"seeds", "arms"} or not extra["seeds"]:
@@ -279,6 +284,10 @@ class Protocol:
     def epochs_for(self, family: str) -> list[float]:
         """The fine-tune budgets of ``family``: its own ``epochs``, else the protocol's."""
         return [float(e) for e in family_epochs(self.to_dict(), family)]
+
+    def n_eval_for(self, family: str) -> int | None:
+        """How many test images judge ``family``'s members (None: the whole test split)."""
+        return self.families[family].get("n_eval", self.n_eval)
 
     def budgets(self) -> list[tuple[Replicate, float]]:
         """Every (replicate, epochs) pair to fine-tune, budget by budget."""
