@@ -273,6 +273,7 @@ def test_a_family_may_run_fewer_arms_on_its_own_budget(tmp_path: Path):
     text = fr.markdown(collect(tmp_path), [], [], [], [], p.to_dict(), source="t")
     assert ("`zoo:b` x fine-tune seeds [0, 1]; arms `plain`, `dnq` only; budget [0.15] epoch(s); judged on its "
             "first 500 test images") in text
+    assert "- budgets: [1.0, 3.0] epoch(s) (full: [0.15]); validation split: 200 training images" in text
     for bad, words in (({"arms": ["dnq"]}, "the control"), ({"arms": ["plain", "swa"]}, "arms of the protocol"),
                        ({"epochs": 0}, "epochs must be numbers > 0"), ({"epochs": [1, "x"]}, "epochs must be"),
                        ({"budget": 1}, "unknown key"), ({"n_eval": 0}, "n_eval must be"), ({"n_eval": 2.5}, "whole")):

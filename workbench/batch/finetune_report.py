@@ -249,7 +249,10 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
         for fam, spec in fams.items()))
     lines.append(f"- arms (fine-tunes of the same parent, seed and steps; `{control}` is the control): " + ", ".join(
         f"`{a}` ({', '.join(f'{k}={v}' for k, v in spec.items())})" for a, spec in protocol.get("arms", {}).items()))
-    lines.append(f"- budgets: {protocol.get('epochs')} epoch(s); validation split: {protocol.get('val_size')} training "
+    own_budgets = [f"{fam}: {family_epochs(protocol, fam)}" for fam, spec in fams.items() if "epochs" in spec]
+    lines.append(f"- budgets: {protocol.get('epochs')} epoch(s)" + (f" ({'; '.join(own_budgets)})" if own_budgets
+                                                                     else "")
+                 + f"; validation split: {protocol.get('val_size')} training "
                  "images held out of every fine-tune (the zoo parents saw them; the test set is never used to choose)")
     lines.append(f"- members: {len(done)} done, {len(failed)} failed, {len(missing)} not run"
                  + (": " + ", ".join(f"{m['replicate']}/{m['arm']} ({m['error'] or m['status']})"
