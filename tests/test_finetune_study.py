@@ -261,6 +261,12 @@ def test_a_family_may_run_fewer_arms_on_its_own_budget(tmp_path: Path):
                                                       ("b-s1", 0.15), ("a-s0", 3.0), ("a-s1", 3.0), ("a-s2", 3.0)]
     assert p.search_epochs() == 1.0
     assert p.n_eval_for("mini") is None and p.n_eval_for("full") == 500  # its first 500 test images
+    from workbench.batch.finetune_study import arm_major
+
+    order = [(a, r.name, e) for a, r, e in arm_major(p)]  # arm by arm: a run stopped early has whole arms
+    assert order[:5] == [("plain", "a-s0", 1.0), ("plain", "a-s1", 1.0), ("plain", "a-s2", 1.0),
+                         ("plain", "b-s0", 0.15), ("plain", "b-s1", 0.15)]
+    assert [a for a, _, _ in order] == ["plain"] * 8 + ["dnq"] * 8 + ["sam"] * 6
     from workbench.batch.finetune_study import _job
 
     jobs = {r.family: _job(p, tmp_path, r, {"method": "plain"}, e, settings=[], val_settings=[], curvature=False)

@@ -110,13 +110,12 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     curv = protocol.curvature is not None
     first: list[dict[str, Any]] = []
     val = [protocol.search_setting()] if protocol.search else []
-    for rep, epochs in protocol.budgets():
-        for arm in protocol.arms_for(rep):
-            if not protocol.depends_on_search(arm):
-                first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
-                                  settings=[] if only_search else protocol.settings(arm, rep.family),
-                                  val_settings=val if rep in protocol.search_replicates() else [],
-                                  curvature=curv and not only_search))
+    for arm, rep, epochs in arm_major(protocol):
+        if not protocol.depends_on_search(arm):
+            first.append(_job(protocol, out, rep, protocol.arm_config(arm), epochs,
+                              settings=[] if only_search else protocol.settings(arm, rep.family),
+                              val_settings=val if rep in protocol.search_replicates() else [],
+                              curvature=curv and not only_search))
     for rep, fields, epochs in search_members(protocol):
         first.append(_job(protocol, out, rep, fields, epochs, settings=[], val_settings=val, curvature=False))
     if only_search:
@@ -126,12 +125,20 @@ def run_protocol(protocol: Protocol, out: str | Path, *, jobs: int = 1, progress
     if not only_search and protocol.search and chosen.get("chosen") is not None:
         second = [_job(protocol, out, rep, protocol.arm_config(arm, chosen["chosen"]), epochs,
                        settings=protocol.settings(arm, rep.family), val_settings=[], curvature=curv)
-                  for rep, epochs in protocol.budgets()
-                  for arm in protocol.arms_for(rep) if protocol.depends_on_search(arm)]
+                  for arm, rep, epochs in arm_major(protocol) if protocol.depends_on_search(arm)]
         statuses += _execute(_merge(second), jobs, progress)
     tables = collect(out)
     return {"out": str(out), "search": chosen, "members": statuses,
             "failed": [s for s in statuses if s.get("status") != "done"], "tables": {k: len(v) for k, v in tables.items()}}
+
+
+def arm_major(protocol: Protocol) -> list[tuple[str, Replicate, float]]:
+    """Every (arm, replicate, budget) to run, arm by arm in the protocol's order: the control's
+    members first, then each arm's across every family, so a run stopped early has whole arms
+    to compare rather than whole families with every arm but no partner for the last one."""
+    arms = list(protocol.arms)
+    todo = [(arm, rep, e) for rep, e in protocol.budgets() for arm in protocol.arms_for(rep)]
+    return sorted(todo, key=lambda t: arms.index(t[0]))  # stable: families and budgets keep their order
 
 
 # ----------------------------------------------------------------------------- the search
