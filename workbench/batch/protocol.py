@@ -182,7 +182,7 @@ class Protocol:
                 if bad or self.control not in arms:
                     raise ConfigError(f"family {fam!r}: arms must list arms of the protocol, the control "
                                       f"{self.control!r} among them; got {arms!r}")
-            budgets = family_epochs(self.to_dict(), fam)
+            budgets = family_epochs(spec, self.epochs)
             if not budgets or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in budgets):
                 raise ConfigError(f"family {fam!r}: epochs must be numbers > 0 (a fraction trains part of an "
                                   f"epoch), got {spec.get('epochs', self.epochs)!r}")
@@ -283,7 +283,7 @@ class Protocol:
 
     def epochs_for(self, family: str) -> list[float]:
         """The fine-tune budgets of ``family``: its own ``epochs``, else the protocol's."""
-        return [float(e) for e in family_epochs(self.to_dict(), family)]
+        return [float(e) for e in family_epochs(self.families[family], self.epochs)]
 
     def n_eval_for(self, family: str) -> int | None:
         """How many test images judge ``family``'s members (None: the whole test split)."""
@@ -291,8 +291,9 @@ class Protocol:
 
     def budgets(self) -> list[tuple[Replicate, float]]:
         """Every (replicate, epochs) pair to fine-tune, budget by budget."""
-        pairs = [(rep, e) for rep in self.replicates() for e in self.epochs_for(rep.family)]
-        return sorted(pairs, key=lambda pair: self.epochs_for(pair[0].family).index(pair[1]))  # stable
+        budgets = {fam: self.epochs_for(fam) for fam in self.families}
+        pairs = [(rep, e) for rep in self.replicates() for e in budgets[rep.family]]
+        return sorted(pairs, key=lambda pair: budgets[pair[0].family].index(pair[1]))  # stable
 
     def search_replicates(self) -> list[Replicate]:
         """The first N replicates of the first family (its main seeds before any extra ones)."""
@@ -354,11 +355,11 @@ class Protocol:
         return out
 
 
-def family_epochs(protocol: Mapping[str, Any], family: str) -> list[Any]:
-    """A family's fine-tune budgets from a protocol's dict (as ``protocol.json`` stores it): the
-    family's ``epochs`` (a number or a list), else the protocol's."""
-    spec = (protocol.get("families") or {}).get(family) or {}
-    epochs = spec.get("epochs", protocol.get("epochs", [1.0]))
+def family_epochs(spec: Mapping[str, Any], default: Any) -> list[Any]:
+    """A family's fine-tune budgets: its ``epochs`` (a number or a list), else ``default`` (the
+    protocol's ``epochs``). Takes the family's own mapping, as ``protocol.json`` stores it too, so
+    the report reads budgets the same way the runner does."""
+    epochs = spec.get("epochs", default)
     return list(epochs) if isinstance(epochs, (list, tuple)) else [epochs]
 
 
