@@ -427,3 +427,18 @@ def test_curvature_is_paired_by_replicate_with_a_hand_computed_interval():
     assert st["diff_mean"] == pytest.approx(1.0) and st["verdict"] == "not distinguishable"
     text = fr.curvature_paired_markdown(fr.curvature_paired(curv), "plain")
     assert "-12 [-17, -7] ▼" in text and "| fam | - | trace |" in text
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs" / "study" / "finetune")
+                                        .glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_protocol_passes_its_checks_and_resolves_its_searched_arms(path: Path):
+    """A protocol file the docs tell people to run must not fail on its first member: every name and
+    setting checks out, and each searched arm takes the chosen value (here 2.0) in every field it
+    searches, the rest of its spec as written."""
+    protocol = Protocol.from_file(path)
+    protocol.check()
+    assert protocol.replicates() and protocol.budgets()
+    for arm, spec in protocol.arms.items():
+        resolved = protocol.arm_config(arm, {"noise_mult": 2.0})
+        for key, value in spec.items():
+            assert resolved[key] == (2.0 if value == "search" else value), (arm, key)
