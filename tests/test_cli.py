@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +302,19 @@ def test_train_takes_the_target_bits_once(tmp_path, capsys) -> None:
     run = json.loads((tmp_path / "c" / "run.json").read_text())
     method = run["params"]["method"]
     assert (method["w_bits"], method["a_bits"]) == (3, 5)
+
+
+def test_study_report_only_reports_what_the_folder_ran(tmp_path, capsys):
+    """--report-only stops with a clear message where nothing ran, and says so when the protocol
+    file given is not the one the folder ran (the report follows the folder)."""
+    from workbench.batch.protocol import Protocol
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "study" / "finetune"
+    assert cli.main(["study", "finetune", str(root / "quick.yaml"), "--out", str(tmp_path / "none"),
+                     "--report-only"]) == 2
+    assert "no protocol.json" in capsys.readouterr().err
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    (ran / "protocol.json").write_text(json.dumps(Protocol.from_file(root / "main.yaml").to_dict()))
+    cli.main(["study", "finetune", str(root / "quick.yaml"), "--out", str(ran), "--report-only"])
+    assert "differs from the protocol file given" in capsys.readouterr().err

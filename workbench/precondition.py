@@ -206,8 +206,9 @@ class NoiseMethod(PlainMethod):
         BatchNorm's running statistics were gathered while the noise was on, so they hold the
         noise's variance too. Evaluated without noise, the model would be normalized wrongly: on
         ``cnn-small`` that cost 3 points of full-precision accuracy, all recovered by estimating
-        the statistics again (the fine-tune study, docs/results.md). LayerNorm models (the ViTs)
-        keep no running statistics and are unchanged."""
+        the statistics again (the fine-tune study, docs/results.md). ``vit-micro`` has two
+        BatchNorms too, in its convolutional stem, so its noise fine-tunes change with this; a
+        model with LayerNorm only keeps no running statistics and is unchanged."""
         if self.handle is not None:
             self.handle.remove()  # before the pass below: it must see the clean model
             self.handle = None
