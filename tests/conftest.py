@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -59,3 +61,18 @@ def ptq_cli(tmp_path, capsys):
 
     run.path = path
     return run
+
+
+# -- running the suite on two workers (`make test`: pytest-xdist, ``--dist loadfile``) --------------
+# loadfile keeps a notebook's cells in order on one worker (each needs the ones before it) and a test
+# module whole (its module fixtures are built once); --no-loadscope-reorder hands the files out in
+# collection order, notebooks first, so tests/test_quickstart_results.py finds nbval's finished run
+# of notebook 00 (were it still running, that test would run the notebook itself: slower, as right).
+
+
+def pytest_configure(config) -> None:
+    # Two workers on two cores: one torch thread each (the notebook kernels, papermill runs and study
+    # jobs they start inherit OMP_NUM_THREADS) instead of four threads fighting over two cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
