@@ -67,7 +67,7 @@ def ptq_cli(tmp_path, capsys):
 # loadfile keeps a notebook's cells in order on one worker (each needs the ones before it) and a test
 # module whole (its module fixtures are built once); --no-loadscope-reorder hands the files out in
 # collection order, notebooks first, so tests/test_quickstart_results.py finds nbval's finished run
-# of notebook 00 (were it still running, that test would run the notebook itself: slower, as right).
+# of notebook 00 (were it still running, that test would run the notebook itself: slower, still right).
 
 
 def pytest_configure(config) -> None:
