@@ -86,13 +86,30 @@ def _execute(jobs: list[dict[str, Any]], n_jobs: int, progress: bool) -> list[di
     return results
 
 
+def _as_stored(protocol: Protocol) -> dict[str, Any]:
+    """The protocol as its folder's ``protocol.json`` holds it (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(protocol.to_dict()))
+
+
+def report_folder_note(protocol: Protocol, out: str | Path) -> str | None:
+    """Before ``--report-only``: the report follows what ``out`` ran, as its ``protocol.json``
+    records it. Raises where nothing ran there; returns a note when ``protocol`` says otherwise."""
+    stored = Path(out).expanduser() / "protocol.json"
+    if not stored.is_file():
+        raise ConfigError(f"--report-only: {stored.parent} holds no protocol.json, so no protocol ran there; "
+                          "run it first (without --report-only) or name the folder that ran it")
+    if json.loads(stored.read_text()) != _as_stored(protocol):
+        return f"note: {stored} differs from the protocol file given; the report follows the folder (what ran there)"
+    return None
+
+
 def _check_folder(protocol: Protocol, out: Path) -> None:
     path = out / "protocol.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(protocol.to_dict())):
-            same_core = all(old.get(k) == json.loads(json.dumps(protocol.to_dict()))[k]
-                            for k in ("val_size", "split_seed", "control", "n_eval"))
+        new = _as_stored(protocol)
+        if old != new:
+            same_core = all(old.get(k) == new[k] for k in ("val_size", "split_seed", "control", "n_eval"))
             if not same_core:
                 raise ConfigError(f"{out} holds a protocol with another validation split, control or test set; "
                                   "use a new --out folder")

@@ -3,7 +3,6 @@ protocol (``finetune``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .common import AddJson, register
@@ -97,15 +96,18 @@ def run_study_command(args: Any) -> int:
 def _finetune_command(args: Any) -> int:
     """``workbench study finetune``: exit 8 if a member failed (the report lists it)."""
     import json
+    import sys
 
     from ..batch.finetune_report import write_report
-    from ..batch.finetune_study import run_protocol
+    from ..batch.finetune_study import report_folder_note, run_protocol
     from ..batch.protocol import Protocol
 
     protocol = Protocol.from_file(args.protocol)
     failed: list = []
     if args.report_only:
-        _check_report_folder(protocol, Path(args.out).expanduser())
+        note = report_folder_note(protocol, args.out)
+        if note:
+            print(note, file=sys.stderr)
     else:
         res = run_protocol(protocol, args.out, jobs=args.jobs, progress=not args.no_progress)
         failed = res["failed"]
@@ -118,23 +120,6 @@ def _finetune_command(args: Any) -> int:
     else:
         print(f"report: {paths['report']}" + (f" ({len(failed)} member(s) failed)" if failed else ""))
     return 8 if failed else 0
-
-
-def _check_report_folder(protocol: Any, out: Path) -> None:
-    """``--report-only`` reports what OUT ran, as its ``protocol.json`` records it: say so when the
-    given file says something else, and stop when nothing ran there."""
-    import json
-    import sys
-
-    from ..errors import ConfigError
-
-    stored = out / "protocol.json"
-    if not stored.is_file():
-        raise ConfigError(f"--report-only: {out} holds no protocol.json, so no protocol ran there; "
-                          "run it first (without --report-only) or name the folder that ran it")
-    if json.loads(stored.read_text()) != json.loads(json.dumps(protocol.to_dict())):
-        print(f"note: {stored} differs from the protocol file given; the report follows the folder "
-              "(what ran there)", file=sys.stderr)
 
 
 register("study", add_study_parser, run_study_command)
