@@ -115,6 +115,43 @@ def test_not_applicable_rows_are_never_averaged_as_zero():
     assert settings == {"W4A4/mse"}
 
 
+def test_without_a_search_the_first_arm_after_the_control_is_compared_head_to_head():
+    rows = _ptq_rows({"plain": 0.0, "dnq": 1.0, "wnoise": 0.25, "anoise": 1.5}, {"a": 0.0, "b": 4.0, "c": -3.0})
+    arms = {"plain": {"method": "plain"}, "dnq": {"method": "dnq", "noise_mult": 1.0},
+            "wnoise": {"method": "wnoise", "noise_mult": 1.0}, "anoise": {"method": "anoise", "noise_mult": 1.0}}
+    h2h = fr.head_to_head(rows, {"arms": arms})
+    assert {r["arm"] for r in h2h} == {"dnq"}
+    diffs = {r["versus"]: r["diff_mean"] for r in h2h}
+    assert diffs == {"wnoise": pytest.approx(0.75), "anoise": pytest.approx(-0.5)}
+    # a searched arm still takes precedence over the order of the arms
+    searched = fr.head_to_head(rows, {"arms": arms, "search": {"arm": "anoise"}})
+    assert {r["arm"] for r in searched} == {"anoise"}
+    assert {r["versus"]: r["diff_mean"] for r in searched}["dnq"] == pytest.approx(0.5)
+
+
+def test_compute_is_split_by_part_and_curvature_counted_once_per_member():
+    members = [{"family": f, "replicate": r, "arm": a, "epochs": 1.0, "status": st, "train_seconds": t}
+               for f, r, a, st, t in [("vit", "r0", "plain", "done", 40.0), ("vit", "r0", "dnq", "done", 50.0),
+                                      ("cnn", "r0", "plain", "done", 10.0), ("cnn", "r0", "dnq", "failed", 99.0)]]
+    ptq = [{"family": "vit", "ptq_method": m, "calib_time_s": c, "eval_time_s": e}
+           for m, c, e in [("rtn", 1.0, 3.0), ("rtn", 0.5, 3.5), ("rtn+bc", 5.0, 3.0), ("qdrop", 50.0, 4.0),
+                           ("", None, None)]]  # the FP row: no PTQ method, no time
+    ptq.append({"family": "cnn", "ptq_method": "adaround", "calib_time_s": 9.0, "eval_time_s": 2.0})
+    # one report per member, its seconds repeated on the rows of both weight bit widths
+    curvature = [{"family": "vit", "replicate": "r0", "arm": a, "epochs": 1.0, "w_bits": b, "seconds": sec}
+                 for a, sec in (("plain", 100.0), ("dnq", 120.0)) for b in (4, 3)]
+    rows = fr.compute_by_part({"members": members, "ptq": ptq, "curvature": curvature})
+    got = {(r["family"], r["part"]): r["seconds"] for r in rows}
+    assert got == {("cnn", "fine-tuning"): 10.0, ("cnn", "AdaRound"): 11.0,
+                   ("vit", "fine-tuning"): 90.0, ("vit", "round-to-nearest PTQ"): 8.0, ("vit", "bias correction"): 8.0,
+                   ("vit", "BRECQ+QDrop"): 54.0, ("vit", "curvature"): 220.0,
+                   ("all", "fine-tuning"): 100.0, ("all", "round-to-nearest PTQ"): 8.0, ("all", "bias correction"): 8.0,
+                   ("all", "AdaRound"): 11.0, ("all", "BRECQ+QDrop"): 54.0, ("all", "curvature"): 220.0}
+    # in the order a member works: fine-tune, PTQ from cheap to learned, curvature
+    assert [r["part"] for r in rows if r["family"] == "all"] == [
+        "fine-tuning", "round-to-nearest PTQ", "bias correction", "AdaRound", "BRECQ+QDrop", "curvature"]
+
+
 # ----------------------------------------------------------------------------- rank correlations
 
 
@@ -395,6 +432,9 @@ def test_the_committed_report_is_what_its_tables_say():
     text = (root / "docs" / "results.md").read_text(encoding="utf-8")
     block = text.split(fr.BEGIN, 1)[1].split(fr.END, 1)[0].strip()
     assert block == report["markdown"].strip()
+    # and each committed report folder's report.md is what its own tables give
+    for folder in sorted((root / "docs" / "results").glob("finetune*")):
+        assert (folder / "report.md").read_text(encoding="utf-8") == fr.load_report(folder)["markdown"], folder
     # and the headline rows behind it pair every replicate the protocol runs the arm on (the
     # extra seeds only for the arms named with them), at W4A4 and W3A3, in every family
     protocol = Protocol.from_dict(report["protocol"])
@@ -403,6 +443,25 @@ def test_the_committed_report_is_what_its_tables_say():
     for r in rows:
         expected = sum(r["arm"] in protocol.arms_for(rep) for rep in protocol.replicates(r["family"]))
         assert r["pairs"] == expected, r
+
+
+def test_a_report_folder_is_rendered_again_from_its_own_tables(tmp_path: Path):
+    import shutil
+
+    dest = tmp_path / "report"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "docs" / "results" / "finetune-w3", dest)
+    raw = {n: (dest / f"{n}.csv").read_bytes() for n in ("members", "ptq", "search")}
+    (dest / "report.md").write_text("stale\n")
+    (dest / "compute.csv").unlink()
+    md = tmp_path / "results.md"
+    md.write_text(f"# Results\n\n{fr.BEGIN}\nold\n{fr.END}\n\nkept\n")
+    paths = fr.rewrite_report(dest, md=md)
+    text = (dest / "report.md").read_text(encoding="utf-8")
+    assert text == fr.load_report(dest)["markdown"] and "where it went: fine-tuning" in text
+    assert (dest / "compute.csv").is_file() and paths["compute"] == dest / "compute.csv"
+    assert {n: (dest / f"{n}.csv").read_bytes() for n in raw} == raw  # the raw tables are not touched
+    body = md.read_text(encoding="utf-8")
+    assert "old" not in body and body.endswith("kept\n") and text.strip() in body
 
 
 def test_curvature_is_paired_by_replicate_with_a_hand_computed_interval():

@@ -36,7 +36,7 @@ BEGIN, END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
 NUMERIC = ("accuracy", "loss", "calib_time_s", "eval_time_s", "test_accuracy", "val_accuracy", "qat_own_accuracy",
            "train_seconds", "last_call_seconds", "work_seconds", "trace", "top_eigenvalue", "sigma_trace", "predicted_increase",
            "predicted_stderr", "first_order", "measured_increase", "acc_drop", "trace_stderr", "epochs", "value",
-           "val_fp_accuracy", "control_val_fp_accuracy")
+           "val_fp_accuracy", "control_val_fp_accuracy", "seconds")
 
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
@@ -133,6 +133,51 @@ def calibration_spread(ptq: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------- figures
+
+
+#: The parts of a member's work, in the order a member does them; PTQ rows are named by their
+#: method (:attr:`workbench.ptq.engine.PTQConfig.method`), any other method by itself.
+COMPUTE_PARTS = {"rtn": "round-to-nearest PTQ", "rtn+bc": "bias correction", "repq+rtn": "RepQ",
+                 "adaround": "AdaRound", "brecq": "BRECQ", "qdrop": "BRECQ+QDrop"}
+
+
+def compute_by_part(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Where the members' work went, per family and over all (``family == "all"``): seconds of
+    fine-tuning, of each PTQ method (calibration and evaluation of every setting, draw and bit
+    width) and of curvature, from the tidy tables of finished members. What a protocol would save
+    by dropping a part, on the machine that ran it.
+
+    A member's curvature report covers all its weight bit widths at once, and ``curvature.csv``
+    repeats its seconds on each bit width's row: it is counted once per member.
+    """
+    done = {(m["family"], m["replicate"], m["arm"], m["epochs"]) for m in tables.get("members", [])
+            if m.get("status") == "done"}
+    seconds: dict[tuple[str, str], float] = defaultdict(float)
+    for m in tables.get("members", []):
+        if (m["family"], m["replicate"], m["arm"], m["epochs"]) in done and m.get("train_seconds"):
+            seconds[(m["family"], "fine-tuning")] += float(m["train_seconds"])
+    for r in tables.get("ptq", []):
+        spent = sum(float(r.get(k) or 0.0) for k in ("calib_time_s", "eval_time_s"))
+        if r.get("ptq_method") and spent > 0:
+            seconds[(r["family"], COMPUTE_PARTS.get(r["ptq_method"], r["ptq_method"]))] += spent
+    counted = set()
+    for r in tables.get("curvature", []):
+        key = (r["family"], r["replicate"], r["arm"], r["epochs"])
+        if key not in counted and r.get("seconds") not in (None, ""):
+            counted.add(key)
+            seconds[(r["family"], "curvature")] += float(r["seconds"])
+    order = ["fine-tuning", *dict.fromkeys(COMPUTE_PARTS.values()), "curvature"]
+    rank = {p: i for i, p in enumerate(order)}
+    families = sorted({f for f, _ in seconds})
+    rows = []
+    for fam in [*families, "all"]:
+        parts = defaultdict(float)
+        for (f, part), sec in seconds.items():
+            if fam in ("all", f):
+                parts[part] += sec
+        rows += [{"family": fam, "part": part, "seconds": sec}
+                 for part, sec in sorted(parts.items(), key=lambda kv: (rank.get(kv[0], len(order)), kv[0]))]
+    return rows
 
 
 def paired_figure(paired: Sequence[Mapping[str, Any]], family: str, epochs: float) -> Any:
@@ -263,6 +308,11 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
         lines.append(f"- compute: {sum(work) / 60:.0f} minutes of fine-tuning, PTQ and curvature over the "
                      f"{len(work)} members ({sum(work) / len(work):.0f} s each on one CPU thread; the noise search's "
                      "extra fine-tunes and the members' loading not counted)")
+        parts = [r for r in compute_by_part(tables) if r["family"] == "all"]
+        total = sum(r["seconds"] for r in parts)
+        if total > 0:
+            lines.append("- where it went: " + ", ".join(
+                f"{r['part']} {r['seconds'] / 60:.0f} min ({100 * r['seconds'] / total:.0f} %)" for r in parts))
     lines.append("")
     search = tables.get("search") or []
     if search:
@@ -384,14 +434,17 @@ def analyze(tables: Mapping[str, list[dict[str, Any]]], protocol: Mapping[str, A
     control = protocol.get("control", "plain")
     return {"paired": paired, "calibration": calibration_spread(tables["ptq"]), "curvature_by_arm": curv_arm,
             "spearman": rho, "head_to_head": head_to_head(tables["ptq"], protocol),
-            "curvature_paired": curvature_paired(tables.get("curvature") or [], control)}
+            "curvature_paired": curvature_paired(tables.get("curvature") or [], control),
+            "compute": compute_by_part(tables)}
 
 
 def head_to_head(ptq: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The searched arm (``dnq``) paired against each other non-control arm (QAT, SAM, ...) of the
-    same replicate: does it beat them at equal steps?"""
-    arm = (protocol.get("search") or {}).get("arm")
+    same replicate: does it beat them at equal steps? A protocol without a search compares its
+    first arm after the control instead (the one its file names first, as the arm under study)."""
     control = protocol.get("control", "plain")
+    arm = (protocol.get("search") or {}).get("arm") or next(
+        (a for a in protocol.get("arms", {}) if a != control), None)
     if not arm:
         return []
     out = []
@@ -444,6 +497,26 @@ def load_report(dest: str | Path) -> dict[str, Any]:
     text = render(tables, analysis, meta["protocol"], source=meta["source"], commit=meta.get("commit", ""),
                   links=meta.get("links", ""))
     return {"tables": tables, "protocol": meta["protocol"], "analysis": analysis, "markdown": text, "meta": meta}
+
+
+def rewrite_report(dest: str | Path, *, md: str | Path | None = None) -> dict[str, Path]:
+    """Render a written report folder again from its own tables, after the report code changed:
+    ``report.md`` and the statistics' CSVs (``paired.csv``, ``compute.csv``, ...) are rewritten,
+    the raw tables (members, PTQ, curvature, search) and the figures are left as they are; with
+    ``md`` the generated block of that file is replaced too. For a committed report whose member
+    folders are gone (``--report-only`` needs them)."""
+    dest = Path(dest).expanduser().resolve()
+    report = load_report(dest)
+    paths: dict[str, Path] = {}
+    for name, rows in report["analysis"].items():
+        if rows:
+            write_csv(dest / f"{name}.csv", rows)
+            paths[name] = dest / f"{name}.csv"
+    atomic_write_text(dest / "report.md", report["markdown"])
+    paths["report"] = dest / "report.md"
+    if md:
+        paths["md"] = replace_block(md, report["markdown"])
+    return paths
 
 
 def _pairs(rows: list[dict[str, Any]], arm: str) -> int:
