@@ -292,6 +292,45 @@ def test_sigma_weighted_trace_matches_exact_diagonal(make, w_bits):
     assert pred.clean_loss == pytest.approx(base, abs=1e-12)
 
 
+@pytest.mark.parametrize("zero_channel", [False, True], ids=["proportional", "clamped-channel"])
+def test_several_widths_share_one_trace_only_where_their_sigmas_are_proportional(zero_channel, monkeypatch):
+    from workbench.flatness import prediction
+
+    model = _mlp()
+    if zero_channel:  # an all-zero output channel: its step is clamped alike at every width
+        with torch.no_grad():
+            model[0].weight[2].zero_()
+    x, y = _data(model)
+    names = fl.quantized_weight_names(model)
+    H, _ = exact_hessian(model, x, y, names)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("scale"))
+        return fl.hutchinson_trace(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "hutchinson_trace", counting)
+    n = sum(dict(model.named_parameters())[k].numel() for k in names)  # 48: deflation spans them all
+    preds = fl.weight_quant_predictions(model, (x, y), w_bits=[4, 3, 2], deflate=n, min_probes=2, max_probes=2,
+                                        noise_samples=2, generator=torch.Generator().manual_seed(0))
+    assert [p.w_bits for p in preds] == [4, 3, 2]
+    assert len(calls) == (3 if zero_channel else 1)
+    for p in preds:  # each width's sigma-weighted trace is the exact sum_i sigma_i^2 H_ii
+        sigma = fl.weight_sigma(model, names, p.w_bits)
+        exact = float((sigma**2 * H.diagonal()).sum())
+        assert p.sigma_trace == pytest.approx(exact, rel=1e-8)
+        assert p.predicted == pytest.approx(exact / 2, rel=1e-8)
+        single = fl.weight_quant_prediction(model, (x, y), w_bits=p.w_bits, deflate=n, min_probes=2, max_probes=2,
+                                            noise_samples=0)
+        assert p.measured_rtn == pytest.approx(single.measured_rtn, abs=1e-12)
+        assert p.first_order == pytest.approx(single.first_order, abs=1e-12)
+    if not zero_channel:  # per-channel steps absmax / (2^(b-1) - 1): sigma_3 = (7/3) sigma_4, sigma_2 = 7 sigma_4
+        assert preds[1].sigma_trace / preds[0].sigma_trace == pytest.approx((7 / 3) ** 2, rel=1e-9)
+        assert preds[2].sigma_trace / preds[0].sigma_trace == pytest.approx(49.0, rel=1e-9)
+    with pytest.raises(ConfigError, match="w_bits is empty"):
+        fl.weight_quant_predictions(model, (x, y), w_bits=[])
+
+
 def test_spectral_density_is_a_probability_density_with_the_right_trace():
     model = _mlp()
     x, y = _data(model)

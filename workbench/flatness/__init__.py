@@ -51,7 +51,12 @@ from .hessian import (
     select_params,
     unfused_attention,
 )
-from .prediction import activation_quant_prediction, weight_quant_prediction, weight_sigma
+from .prediction import (
+    activation_quant_prediction,
+    weight_quant_prediction,
+    weight_quant_predictions,
+    weight_sigma,
+)
 from .probes import mean_se, rademacher, randn
 from .report import MEASURES, MIN_RANK_MODELS, damage_table, flatness_report
 from .results import (
@@ -67,4 +72,4 @@ from .sharpness import sharpness_ascent, sharpness_gaussian
 from .spectrum import density_trace, lanczos, ritz_values, spectral_density, top_eigenvalues
 from .trace import hutchinson_trace
 
-__all__ = ["ActQuantPrediction", "Batch", "DensityResult", "EigenResult", "HVP_METHODS", "LossFn", "LossHessian", "MEASURES", "MIN_RANK_MODELS", "QUANT_LAYERS", "QuantPrediction", "Result", "SharpnessResult", "TraceResult", "activation_quant_prediction", "as_batches", "damage_table", "density_trace", "flatness_report", "hessian_of", "hutchinson_trace", "lanczos", "mean_se", "model_device", "preserved_mode", "progress_bar", "quantized_weight_names", "rademacher", "randn", "ritz_values", "select_params", "sharpness_ascent", "sharpness_gaussian", "spectral_density", "top_eigenvalues", "unfused_attention", "weight_quant_prediction", "weight_sigma", "MIN_RANK_POINTS", "spearman"]
+__all__ = ["ActQuantPrediction", "Batch", "DensityResult", "EigenResult", "HVP_METHODS", "LossFn", "LossHessian", "MEASURES", "MIN_RANK_MODELS", "QUANT_LAYERS", "QuantPrediction", "Result", "SharpnessResult", "TraceResult", "activation_quant_prediction", "as_batches", "damage_table", "density_trace", "flatness_report", "hessian_of", "hutchinson_trace", "lanczos", "mean_se", "model_device", "preserved_mode", "progress_bar", "quantized_weight_names", "rademacher", "randn", "ritz_values", "select_params", "sharpness_ascent", "sharpness_gaussian", "spectral_density", "top_eigenvalues", "unfused_attention", "weight_quant_prediction", "weight_quant_predictions", "weight_sigma", "MIN_RANK_POINTS", "spearman"]

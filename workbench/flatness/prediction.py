@@ -76,8 +76,33 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
     the mean over ``noise_samples`` draws of uniform noise with the same per-channel variance.
 
     Activations stay in float here; see :func:`activation_quant_prediction` for the input Hessian.
+    Several bit widths at once: :func:`weight_quant_predictions`.
     """
-    w_bits = quant.check_bits(w_bits, "w_bits")
+    return weight_quant_predictions(target, data, w_bits=[w_bits], per_channel=per_channel, tol=tol,
+                                    min_probes=min_probes, max_probes=max_probes, deflate=deflate, block=block,
+                                    noise_samples=noise_samples, generator=generator, loss_fn=loss_fn,
+                                    device=device, method=method)[0]
+
+
+def weight_quant_predictions(target: LossHessian | nn.Module, data: Batch | Iterable[Batch] | None = None, *,
+                             w_bits: Sequence[int] = (4, 3), per_channel: bool = True, tol: float = 0.05,
+                             min_probes: int = 10, max_probes: int = 100, deflate: int = 20, block: int = 1,
+                             noise_samples: int = 8, generator: torch.Generator | None = None,
+                             loss_fn: LossFn | None = None,
+                             device: str | torch.device | None = None,
+                             method: str | None = None) -> list[QuantPrediction]:
+    """:func:`weight_quant_prediction` at each of ``w_bits``, over one Hessian of the quantized weights.
+
+    The per-channel symmetric step is ``max|w| / (2^(b-1) - 1)``, so the noise stds of two bit
+    widths differ by one constant factor ``c`` over every channel, ``S_b = c S_a``, and
+    ``tr(S_b H S_b) = c^2 tr(S_a H S_a)`` exactly. The trace is estimated once, at the first width,
+    and scaled for the others (its standard error too), which saves a deflated Hutchinson run per
+    extra width. A width whose stds are not such a multiple (a channel of zeros, whose step is
+    clamped) gets its own estimate. The measured increases are measured at every width.
+    """
+    bits = [quant.check_bits(b, "w_bits") for b in w_bits]
+    if not bits:
+        raise ConfigError("w_bits is empty: pass at least one weight bit width, e.g. w_bits=[4, 3]")
     if isinstance(target, LossHessian):  # same data and options, but over the quantized weights only
         model, data = target.model, target.batches
         loss_fn, device, method = target.loss_fn, target.device, method or target.method
@@ -91,26 +116,52 @@ def weight_quant_prediction(target: LossHessian | nn.Module, data: Batch | Itera
         raise ConfigError("pass data=(x, y) (or a list of batches) together with a model")
     target = LossHessian(model, data, loss_fn=loss_fn, params=names, device=device, method=method or "auto",
                          distributed=distributed)
+    out = []
     with target as H:
-        t0 = time.perf_counter()
-        sig = weight_sigma(H.model, H.names, w_bits, per_channel, H.device)
-        tr = hutchinson_trace(H, tol=tol, min_probes=min_probes, max_probes=max_probes, deflate=deflate,
-                              scale=sig, block=block, generator=generator)
         clean_loss, clean_accuracy = H.loss(accuracy=True)  # type: ignore[misc]
-        qparams = _quantized_params(H, w_bits, per_channel)
-        quant_loss, quant_accuracy = H.loss(qparams, accuracy=True)  # type: ignore[misc]
-        delta = H.flatten([qparams[n] - H.param(n) for n in H.names])
-        first = float(H.gradient() @ delta)
-        # uniform noise on [-step/2, step/2] has std step/sqrt(12) = sigma: half-width sqrt(3) sigma
-        incs = []
-        for _ in range(noise_samples):
-            u = torch.rand(H.numel, generator=generator,
-                           device=generator.device if generator is not None else "cpu").to(H.device)
-            incs.append(H.perturbed_loss((2 * u - 1) * math.sqrt(3.0) * sig) - clean_loss)
-        mn, mse = mean_se(incs) if incs else (math.nan, math.nan)
-        return QuantPrediction(w_bits, tr.estimate, tr.stderr, tr.estimate / 2, tr.stderr / 2,
-                               quant_loss - clean_loss, mn, mse, clean_loss, quant_loss, clean_accuracy, quant_accuracy,
-                               first, tr.probes, tr.converged, H.numel, time.perf_counter() - t0)
+        grad_flat = H.gradient()
+        first_sig: torch.Tensor | None = None
+        first_tr = None
+        for b in bits:
+            t0 = time.perf_counter()
+            sig = weight_sigma(H.model, H.names, b, per_channel, H.device)
+            c = _common_factor(sig, first_sig)
+            if c is None:
+                tr = hutchinson_trace(H, tol=tol, min_probes=min_probes, max_probes=max_probes, deflate=deflate,
+                                      scale=sig, block=block, generator=generator)
+                estimate, stderr, probes, converged = tr.estimate, tr.stderr, tr.probes, tr.converged
+                if first_sig is None:
+                    first_sig, first_tr = sig, tr
+            else:
+                assert first_tr is not None  # a common factor needs the first width's estimate
+                estimate, stderr = c * c * first_tr.estimate, c * c * first_tr.stderr
+                probes, converged = first_tr.probes, first_tr.converged
+            qparams = _quantized_params(H, b, per_channel)
+            quant_loss, quant_accuracy = H.loss(qparams, accuracy=True)  # type: ignore[misc]
+            delta = H.flatten([qparams[n] - H.param(n) for n in H.names])
+            first = float(grad_flat @ delta)
+            # uniform noise on [-step/2, step/2] has std step/sqrt(12) = sigma: half-width sqrt(3) sigma
+            incs = []
+            for _ in range(noise_samples):
+                u = torch.rand(H.numel, generator=generator,
+                               device=generator.device if generator is not None else "cpu").to(H.device)
+                incs.append(H.perturbed_loss((2 * u - 1) * math.sqrt(3.0) * sig) - clean_loss)
+            mn, mse = mean_se(incs) if incs else (math.nan, math.nan)
+            out.append(QuantPrediction(b, estimate, stderr, estimate / 2, stderr / 2,
+                                       quant_loss - clean_loss, mn, mse, clean_loss, quant_loss, clean_accuracy,
+                                       quant_accuracy, first, probes, converged, H.numel, time.perf_counter() - t0))
+    return out
+
+
+def _common_factor(sig: torch.Tensor, ref: torch.Tensor | None) -> float | None:
+    """``c`` with ``sig == c * ref`` elementwise (to float round-off), or None if there is none."""
+    if ref is None:
+        return None
+    nz = ref != 0
+    if not bool(nz.any()) or not torch.equal(nz, sig != 0):
+        return None
+    c = float(sig[nz][0] / ref[nz][0])
+    return c if torch.allclose(sig, c * ref, rtol=1e-5, atol=0.0) else None
 
 
 class _InputSites:

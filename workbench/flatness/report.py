@@ -12,7 +12,7 @@ from torch import nn
 
 from ..stats import MIN_RANK_POINTS, spearman
 from .hessian import Batch, LossFn, LossHessian, as_batches
-from .prediction import activation_quant_prediction, weight_quant_prediction
+from .prediction import activation_quant_prediction, weight_quant_predictions
 from .sharpness import sharpness_ascent, sharpness_gaussian
 from .spectrum import density_trace, spectral_density, top_eigenvalues
 from .trace import hutchinson_trace
@@ -62,9 +62,11 @@ def flatness_report(model: nn.Module, data: Batch | Iterable[Batch], *, w_bits: 
             }
         out["hvp_method"] = H.method_used
         H_data = H.batches
-    out["quant"] = {f"W{b}": weight_quant_prediction(model, H_data, w_bits=b, tol=trace_tol, **probes, **deflate,
-                                                     generator=gen, loss_fn=loss_fn, device=device).to_dict()
-                    for b in bits}
+    # one Hessian of the quantized weights for every width: the sigma-weighted trace is estimated
+    # once and scaled (see weight_quant_predictions)
+    preds = weight_quant_predictions(model, H_data, w_bits=bits, tol=trace_tol, **probes, **deflate,
+                                     generator=gen, loss_fn=loss_fn, device=device)
+    out["quant"] = {f"W{p.w_bits}": p.to_dict() for p in preds}
     if a_bits is not None:
         abits = [a_bits] if isinstance(a_bits, int) else list(a_bits)
         out["quant_act"] = {f"A{b}": activation_quant_prediction(model, H_data, a_bits=b, tol=trace_tol, **probes,
