@@ -150,11 +150,9 @@ def compute_by_part(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[d
     A member's curvature report covers all its weight bit widths at once, and ``curvature.csv``
     repeats its seconds on each bit width's row: it is counted once per member.
     """
-    done = {(m["family"], m["replicate"], m["arm"], m["epochs"]) for m in tables.get("members", [])
-            if m.get("status") == "done"}
     seconds: dict[tuple[str, str], float] = defaultdict(float)
     for m in tables.get("members", []):
-        if (m["family"], m["replicate"], m["arm"], m["epochs"]) in done and m.get("train_seconds"):
+        if m.get("status") == "done" and m.get("train_seconds"):
             seconds[(m["family"], "fine-tuning")] += float(m["train_seconds"])
     for r in tables.get("ptq", []):
         spent = sum(float(r.get(k) or 0.0) for k in ("calib_time_s", "eval_time_s"))
@@ -275,7 +273,7 @@ def _setting_order(r: Mapping[str, Any]) -> tuple:
 def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mapping[str, Any]],
              calib: Sequence[Mapping[str, Any]], curv_arm: Sequence[Mapping[str, Any]],
              rho: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any], *, source: str, commit: str = "",
-             links: str = "") -> str:
+             links: str = "", compute: Sequence[Mapping[str, Any]] = ()) -> str:
     control = protocol.get("control", "plain")
     members = tables["members"]
     done = [m for m in members if m["status"] == "done"]
@@ -308,7 +306,7 @@ def markdown(tables: Mapping[str, list[dict[str, Any]]], paired: Sequence[Mappin
         lines.append(f"- compute: {sum(work) / 60:.0f} minutes of fine-tuning, PTQ and curvature over the "
                      f"{len(work)} members ({sum(work) / len(work):.0f} s each on one CPU thread; the noise search's "
                      "extra fine-tunes and the members' loading not counted)")
-        parts = [r for r in compute_by_part(tables) if r["family"] == "all"]
+        parts = [r for r in compute if r["family"] == "all"]
         total = sum(r["seconds"] for r in parts)
         if total > 0:
             lines.append("- where it went: " + ", ".join(
@@ -461,7 +459,8 @@ def head_to_head(ptq: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any]) 
 def render(tables: Mapping[str, list[dict[str, Any]]], analysis: Mapping[str, list[dict[str, Any]]],
            protocol: Mapping[str, Any], *, source: str, commit: str = "", links: str = "") -> str:
     text = markdown(tables, analysis["paired"], analysis["calibration"], analysis["curvature_by_arm"],
-                    analysis["spearman"], protocol, source=source, commit=commit, links=links)
+                    analysis["spearman"], protocol, source=source, commit=commit, links=links,
+                    compute=analysis.get("compute") or ())
     text = text.rstrip("\n") + "\n" + curvature_paired_markdown(analysis.get("curvature_paired") or [],
                                                              protocol.get("control", "plain"))
     h2h = analysis.get("head_to_head") or []
@@ -507,15 +506,20 @@ def rewrite_report(dest: str | Path, *, md: str | Path | None = None) -> dict[st
     folders are gone (``--report-only`` needs them)."""
     dest = Path(dest).expanduser().resolve()
     report = load_report(dest)
+    return _write_rendered(dest, report["analysis"].items(), report["markdown"], md)
+
+
+def _write_rendered(dest: Path, tables: Any, text: str, md: str | Path | None) -> dict[str, Path]:
+    """Write ``(name, rows)`` tables as CSVs, ``text`` as ``report.md`` and, with ``md``, into its block."""
     paths: dict[str, Path] = {}
-    for name, rows in report["analysis"].items():
+    for name, rows in tables:
         if rows:
             write_csv(dest / f"{name}.csv", rows)
             paths[name] = dest / f"{name}.csv"
-    atomic_write_text(dest / "report.md", report["markdown"])
+    atomic_write_text(dest / "report.md", text)
     paths["report"] = dest / "report.md"
     if md:
-        paths["md"] = replace_block(md, report["markdown"])
+        paths["md"] = replace_block(md, text)
     return paths
 
 
@@ -544,10 +548,6 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
     analysis = analyze(tables, protocol)
     paired = analysis["paired"]
     paths: dict[str, Path] = {}
-    for name, rows in (*analysis.items(), *((n, tables[n]) for n in ("members", "ptq", "curvature", "search"))):
-        if rows:
-            write_csv(dest / f"{name}.csv", rows)
-            paths[name] = dest / f"{name}.csv"
     for fam, spec in protocol.get("families", {}).items():
         for ep in family_epochs(spec, protocol.get("epochs", [1.0])):
             if any(r["family"] == fam and r["epochs"] == float(ep) for r in paired):
@@ -564,13 +564,10 @@ def write_report(folder: str | Path, *, dest: str | Path | None = None, md: str 
     links = f"; tables and figures in [`{rel}`]({rel})" if rel else ""
     commit = str(git_commit().get("commit") or "")[:10]
     text = render(tables, analysis, protocol, source=folder.name, commit=commit, links=links)
-    atomic_write_text(dest / "report.md", text)
     write_json(dest / "report.json", {"source": folder.name, "protocol": protocol, "commit": commit, "links": links,
                                       "run": _read_run(folder)})
-    paths["report"] = dest / "report.md"
-    if md:
-        paths["md"] = replace_block(md, text)
-    return paths
+    raw = ((n, tables[n]) for n in ("members", "ptq", "curvature", "search"))
+    return paths | _write_rendered(dest, (*analysis.items(), *raw), text, md)
 
 
 def _read_run(folder: Path) -> dict[str, Any]:
